@@ -1,0 +1,18 @@
+"""cuattn: flash attention for NumPy, CuPy, PyTorch and JAX arrays.
+
+CUDA kernels compiled at run time (NVRTC, through CuPy) on the GPU; a numba backend
+computing the same on the CPU. The function computed is described in docs/semantics.md.
+"""
+
+__version__ = "0.1.0"
+
+from .api import attention, attention_varlen, attention_with_kvcache
+from .backends import BackendUnavailable
+
+__all__ = [
+    "BackendUnavailable",
+    "__version__",
+    "attention",
+    "attention_varlen",
+    "attention_with_kvcache",
+]

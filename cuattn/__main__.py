@@ -1,0 +1,130 @@
+"""Command line: ``python -m cuattn info | demo | bench <name>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+
+import cuattn
+
+from . import backends
+
+
+def _bench_package():
+    """The benchmarks: installed as cuattn.bench, or bench/ at the top of a checkout."""
+    try:
+        return importlib.import_module("cuattn.bench")
+    except ImportError:
+        try:
+            return importlib.import_module("bench")
+        except ImportError as error:
+            raise SystemExit(
+                "the benchmarks are not installed here: run from a cuattn checkout "
+                "(PYTHONPATH=.) or install the package"
+            ) from error
+
+
+def info(args) -> int:
+    import numba
+
+    print(
+        f"cuattn {cuattn.__version__} (Python {platform.python_version()}, "
+        f"NumPy {np.__version__}, numba {numba.__version__})"
+    )
+    for name in backends.BACKENDS:
+        reason = backends.unavailable_reason(name)
+        detail = backends.get(name).describe() if reason is None else f"unavailable: {reason}"
+        print(f"  backend {name:8s} {detail}")
+    nvcc = shutil.which("nvcc")
+    print(f"  nvcc     {nvcc or 'not found'}")
+    return 0
+
+
+def _float64_reference(q, k, v, rows: int) -> np.ndarray:
+    """softmax(q k^T / sqrt(D)) v in float64 for the first ``rows`` queries, causal."""
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    seqlen = k64.shape[1]
+    out = np.empty((q64.shape[0], rows, q64.shape[2], q64.shape[3]))
+    for b in range(q64.shape[0]):
+        for h in range(q64.shape[2]):
+            scores = q64[b, :rows, h] @ k64[b, :, h].T / math.sqrt(q64.shape[-1])
+            scores[np.arange(seqlen)[None, :] > np.arange(rows)[:, None]] = -np.inf
+            weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+            out[b, :, h] = (weights / weights.sum(axis=1, keepdims=True)) @ v64[b, :, h]
+    return out
+
+
+def demo(args) -> int:
+    backend = "cuda" if backends.unavailable_reason("cuda") is None else "cpu"
+    rng = np.random.default_rng()
+    batch, seqlen, heads, head_dim = 2, args.seqlen, 8, 64
+    dtype = np.float16 if backend == "cuda" else np.float32
+    q, k, v = (
+        rng.standard_normal((batch, seqlen, heads, head_dim), dtype=np.float32).astype(dtype)
+        for _ in range(3)
+    )
+    if backend == "cuda":
+        import cupy
+
+        arrays = [cupy.asarray(x) for x in (q, k, v)]
+        sync = cupy.cuda.get_current_stream().synchronize
+    else:
+        arrays, sync = [q, k, v], (lambda: None)
+    print(
+        f"backend {backend}: causal attention, B={batch} S={seqlen} H={heads} D={head_dim} "
+        f"{np.dtype(dtype).name}"
+    )
+    start = time.perf_counter()
+    out = cuattn.attention(*arrays, causal=True, backend=backend)
+    sync()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    out = cuattn.attention(*arrays, causal=True, backend=backend)
+    sync()
+    again = time.perf_counter() - start
+    out = out.get() if backend == "cuda" else out
+    rows = min(seqlen, 256)
+    error = float(
+        np.max(np.abs(out[:, :rows].astype(np.float64) - _float64_reference(q, k, v, rows)))
+    )
+    print(
+        f"  first call {first * 1e3:.1f} ms (includes compiling or loading kernels), "
+        f"then {again * 1e3:.1f} ms"
+    )
+    print(f"  max |error| against a float64 reference over the first {rows} rows: {error:.2e}")
+    tolerance = 2e-3 if dtype == np.float16 else 1e-5
+    if not error <= tolerance:
+        print(f"  FAILED: error above {tolerance}")
+        return 1
+    print("  OK")
+    return 0
+
+
+def bench(args) -> int:
+    package = _bench_package()
+    module = importlib.import_module(f"{package.__name__}.{args.name}")
+    return module.main(args.rest)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cuattn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="version, backends found, GPU and compilers")
+    demo_parser = commands.add_parser("demo", help="run attention on the best backend and check it")
+    demo_parser.add_argument("--seqlen", type=int, default=1024)
+    bench_parser = commands.add_parser("bench", help="run a benchmark (see bench/)")
+    bench_parser.add_argument("name", choices=["cpu"])
+    bench_parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    args = parser.parse_args(argv)
+    return {"info": info, "demo": demo, "bench": bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The numba CPU backend: the product on machines without a GPU, and the reference the
+CUDA kernels are tested against."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# The BLAS that numba's np.dot calls: loaded now so that threadpoolctl can find it.
+import scipy.linalg.cython_blas  # noqa: F401
+from threadpoolctl import ThreadpoolController
+
+from ...dlpack import RawArray
+from ...spec import AttentionSpec, Sequences
+from .bits import dtype_code, word_dtype
+from .flash import attention_forward
+
+_blas = None
+
+
+def _single_threaded_blas():
+    # Each numba thread calls BLAS on tiles; a multi-threaded BLAS under them would
+    # oversubscribe the cores (measured: 2x slower at 4096 tokens on 2 cores).
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+def tile_sizes(head_dim: int, max_query_len: int) -> tuple[int, int]:
+    """(block_q, block_k): float32 tiles that stay in a core's L2 next to each other."""
+    block_q = 256 if head_dim <= 128 else 128
+    block_k = 256 if head_dim <= 128 else 128
+    return min(block_q, max(max_query_len, 1)), block_k
+
+
+def _words(raw: RawArray) -> np.ndarray:
+    """The kernels' view of a float array: unsigned words of the same width, 4-D."""
+    array = raw.numpy()
+    return array.view(word_dtype(array.dtype))
+
+
+class CpuBackend:
+    name = "cpu"
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        return None
+
+    @staticmethod
+    def describe() -> str:
+        return (
+            f"numba {numba.__version__}, {numba.get_num_threads()} threads "
+            f"({numba.config.THREADING_LAYER} threading layer)"
+        )
+
+    def forward(
+        self,
+        spec: AttentionSpec,
+        q: RawArray,
+        k: RawArray,
+        v: RawArray,
+        out: RawArray,
+        lse: RawArray | None,
+        sinks: RawArray | None,
+        sequences: Sequences,
+        stream: int | None = None,
+    ) -> None:
+        """Write attention of q over (k, v) into ``out`` (and ``lse`` if given).
+
+        All arrays are 4-D (batch, seqlen, heads, head_dim); ``lse`` is (batch, heads, seqlen).
+        """
+        table = sequences.table
+        block_q, block_k = tile_sizes(spec.head_dim, sequences.max_query_len)
+        tiles = -(-table[:, 2] // block_q)
+        tile_offsets = np.concatenate(([0], np.cumsum(tiles))).astype(np.int64)
+        lse_array = (
+            lse.numpy()
+            if lse is not None
+            else np.empty((q.shape[0], spec.num_heads_q, q.shape[1]), np.float32)
+        )
+        sink_array = sinks.numpy() if sinks is not None else np.zeros(1, np.float32)
+        words = word_dtype(spec.dtype)
+        with _single_threaded_blas():
+            attention_forward(words)(
+                _words(q),
+                _words(k),
+                _words(v),
+                _words(out),
+                lse_array,
+                sink_array,
+                sinks is not None,
+                table,
+                tile_offsets,
+                dtype_code(spec.dtype),
+                spec.scale,
+                spec.softcap,
+                spec.window_left,
+                spec.window_right,
+                spec.sink_tokens,
+                block_q,
+                block_k,
+                numba.get_num_threads(),
+            )
+
+    def append_kv(
+        self,
+        k_cache: RawArray,
+        v_cache: RawArray,
+        k_new: RawArray,
+        v_new: RawArray,
+        cache_seqlens: np.ndarray,
+        stream: int | None = None,
+    ) -> None:
+        """Write k_new / v_new at each sequence's length (bounds were checked by the spec)."""
+        new_tokens = k_new.shape[1]
+        for cache, new in ((k_cache.numpy(), k_new.numpy()), (v_cache.numpy(), v_new.numpy())):
+            for b, length in enumerate(cache_seqlens):
+                cache[b, length : length + new_tokens] = new[b]

@@ -1,0 +1,394 @@
+"""Tiled online-softmax attention on the CPU, in numba.
+
+The FlashAttention algorithm, as the CUDA kernel runs it: a tile of query rows keeps a
+running maximum ``m`` and running denominator ``l`` per row and a float32 accumulator;
+each tile of keys gives scores by one matrix product, probabilities by one pass of
+``exp2``, and adds ``P @ V`` after rescaling what was accumulated by ``2**(m_old - m_new)``.
+Nothing of size seqlen_q x seqlen_k exists: extra memory is a few tiles per thread.
+
+Scores are kept in base 2 (``log2(e)`` is folded into the query scale), so every
+exponential is an ``exp2``. Tiles that the mask hides entirely are never visited; tiles
+that it cuts are masked element by element; all others are not masked at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .bits import narrow_bits, widen_row
+from .exp2 import exp2_shifted
+
+LOG2E = np.float32(1.0 / math.log(2.0))
+LN2 = np.float32(math.log(2.0))
+
+# Sequence descriptor columns: which batch entry, where its queries and keys start in
+# the seqlen axis, and how many there are. One layout serves padded batches, packed
+# (varlen) batches and KV caches.
+SEQ_BATCH, SEQ_Q_START, SEQ_Q_LEN, SEQ_K_START, SEQ_K_LEN = range(5)
+
+# Flags that keep reductions vectorized while -inf keeps its meaning (no "ninf"/"nnan").
+_FAST = {"contract", "arcp", "nsz", "reassoc"}
+
+
+@numba.njit(inline="always")
+def key_visible(key, position, window_left, window_right, sink_tokens):
+    """SEMANTICS.md's mask: ``key`` seen from a query at ``position`` (-1 = unbounded)."""
+    if window_right >= 0 and key > position + window_right:
+        return False
+    if window_left >= 0 and key < position - window_left and key >= sink_tokens:
+        return False
+    return True
+
+
+@numba.njit(inline="always")
+def tile_fully_visible(
+    key_begin, key_end, first_position, last_position, window_left, window_right, sink_tokens
+):
+    """Whether every key of [key_begin, key_end) is visible from every row of a tile."""
+    if window_right >= 0 and key_end - 1 > first_position + window_right:
+        return False
+    if window_left >= 0 and key_begin < last_position - window_left and key_end > sink_tokens:
+        return False
+    return True
+
+
+@numba.njit(fastmath=_FAST)
+def _load_rows(src, batch, first_row, head, rows, code, multiplier, dst, dst_bits):
+    """Rows ``first_row .. first_row + rows`` of ``src[batch, :, head, :]`` as float32."""
+    head_dim = src.shape[3]
+    for r in range(rows):
+        widen_row(src[batch, first_row + r, head], code, dst_bits[r], dst[r], head_dim)
+        if multiplier != 1.0:
+            for d in range(head_dim):
+                dst[r, d] *= multiplier
+
+
+@numba.njit(fastmath=_FAST)
+def _attend_key_block(
+    q_tile,
+    k_tile,
+    v_tile,
+    scores_flat,
+    probs_flat,
+    probs_bits,
+    exponents,
+    product,
+    acc,
+    row_max,
+    row_sum,
+    rows,
+    keys,
+    key_begin,
+    first_position,
+    softcap_log2,
+    softcap,
+    masked,
+    window_left,
+    window_right,
+    sink_tokens,
+):
+    """Fold keys [key_begin, key_begin + keys) into the running state of ``rows`` rows."""
+    head_dim = q_tile.shape[1]
+    scores = scores_flat[: rows * keys].reshape((rows, keys))
+    probs = probs_flat[: rows * keys].reshape((rows, keys))
+    np.dot(q_tile[:rows], k_tile[:keys].T, scores)
+    if softcap > 0.0:
+        # softcap * tanh(s / softcap) in natural units, then into base 2.
+        for r in range(rows):
+            for c in range(keys):
+                scores[r, c] = softcap_log2 * np.tanh(scores[r, c] / softcap)
+    if masked:
+        for r in range(rows):
+            position = first_position + r
+            for c in range(keys):
+                if not key_visible(key_begin + c, position, window_left, window_right, sink_tokens):
+                    scores[r, c] = -np.inf
+    for r in range(rows):
+        tile_max = -np.inf
+        for c in range(keys):
+            tile_max = max(tile_max, scores[r, c])
+        new_max = max(row_max[r], tile_max)
+        # A row that has seen no visible key yet keeps max -inf; exponentiating against 0
+        # instead avoids -inf - -inf = NaN and gives it all-zero probabilities.
+        shift = new_max if new_max != -np.inf else np.float32(0.0)
+        row_probs = probs_flat[r * keys : (r + 1) * keys]
+        exp2_shifted(
+            scores_flat[r * keys : (r + 1) * keys],
+            shift,
+            row_probs,
+            probs_bits[r * keys : (r + 1) * keys],
+            exponents,
+            keys,
+        )
+        rescale = np.exp2(row_max[r] - shift)  # 0 while nothing was seen (m = -inf)
+        total = np.float32(0.0)
+        for c in range(keys):
+            total += row_probs[c]
+        row_sum[r] = row_sum[r] * rescale + total
+        row_max[r] = new_max
+        if rescale != 1.0:
+            for d in range(head_dim):
+                acc[r, d] *= rescale
+    out = product[: rows * head_dim].reshape((rows, head_dim))
+    np.dot(probs, v_tile[:keys], out)
+    acc[:rows] += out
+
+
+@numba.njit(fastmath=_FAST)
+def _attend_query_tile(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    sinks,
+    has_sinks,
+    batch,
+    head,
+    kv_head,
+    q_begin,
+    rows,
+    k_start,
+    k_len,
+    offset,
+    code,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    sink_tokens,
+    block_k,
+    scratch,
+):
+    (
+        q_tile,
+        q_bits,
+        k_tile,
+        k_bits,
+        v_tile,
+        v_bits,
+        scores_flat,
+        probs_flat,
+        probs_bits,
+        exponents,
+        product,
+        acc,
+        row_max,
+        row_sum,
+        row_out,
+        row_out_bits,
+    ) = scratch
+    head_dim = q.shape[3]
+    # Without softcap the base-2 conversion rides on the query scale for free.
+    q_multiplier = np.float32(scale) if softcap > 0.0 else np.float32(scale) * LOG2E
+    _load_rows(q, batch, q_begin, head, rows, code, q_multiplier, q_tile, q_bits)
+    acc[:rows] = 0.0
+    row_max[:rows] = -np.inf
+    row_sum[:rows] = 0.0
+
+    # Bottom-right alignment: query row i stands at key position i + offset (offset
+    # already accounts for where the sequence starts in the seqlen axis).
+    first_position = q_begin + offset
+    last_position = first_position + rows - 1
+    main_end = k_len if window_right < 0 else min(k_len, last_position + window_right + 1)
+    main_begin = 0 if window_left < 0 else min(max(0, first_position - window_left), main_end)
+    # Sink tokens sit left of the window and are visited as a range of their own.
+    sink_end = min(sink_tokens, main_begin)
+    softcap_log2 = np.float32(softcap) * LOG2E
+    for range_begin, range_end in ((0, sink_end), (main_begin, main_end)):
+        for key_begin in range(range_begin, range_end, block_k):
+            keys = min(block_k, range_end - key_begin)
+            _load_rows(k, batch, k_start + key_begin, kv_head, keys, code, 1.0, k_tile, k_bits)
+            _load_rows(v, batch, k_start + key_begin, kv_head, keys, code, 1.0, v_tile, v_bits)
+            masked = not tile_fully_visible(
+                key_begin,
+                key_begin + keys,
+                first_position,
+                last_position,
+                window_left,
+                window_right,
+                sink_tokens,
+            )
+            _attend_key_block(
+                q_tile,
+                k_tile,
+                v_tile,
+                scores_flat,
+                probs_flat,
+                probs_bits,
+                exponents,
+                product,
+                acc,
+                row_max,
+                row_sum,
+                rows,
+                keys,
+                key_begin,
+                first_position,
+                softcap_log2,
+                softcap,
+                masked,
+                window_left,
+                window_right,
+                sink_tokens,
+            )
+
+    sink_log2 = sinks[head] * LOG2E if has_sinks else -np.inf
+    for r in range(rows):
+        # The learned sink is one more logit in the denominator, with a zero value.
+        final_max = max(row_max[r], sink_log2)
+        if final_max == -np.inf:
+            denominator = np.float32(0.0)
+            weight = np.float32(0.0)
+        else:
+            weight = np.exp2(row_max[r] - final_max)
+            denominator = row_sum[r] * weight + np.exp2(sink_log2 - final_max)
+        # A row that sees no key and has no sink gives 0, never 0/0.
+        inverse = weight / denominator if denominator > 0.0 else np.float32(0.0)
+        for d in range(head_dim):
+            row_out[d] = acc[r, d] * inverse
+        row = out[batch, q_begin + r, head]
+        for d in range(head_dim):
+            row[d] = narrow_bits(row_out_bits[d], code)
+        if denominator > 0.0:
+            lse[batch, head, q_begin + r] = (final_max + np.log2(denominator)) * LN2
+        else:
+            lse[batch, head, q_begin + r] = -np.inf
+
+
+def _attention_forward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    sinks,
+    has_sinks,
+    seqs,
+    tile_offsets,
+    code,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    sink_tokens,
+    block_q,
+    block_k,
+    lanes,
+):
+    """Attention over every (sequence, query head, query tile), ``lanes`` threads.
+
+    ``q``, ``k``, ``v``, ``out``: (batch, seqlen, heads, head_dim) arrays of stored words
+    (see bits.py); ``lse``: float32 (batch, heads_q, seqlen_q); ``seqs``: int64
+    (num_seqs, 5) descriptors; ``tile_offsets``: int64 (num_seqs + 1,) prefix sums of
+    each sequence's query tiles.
+    """
+    num_heads_q = q.shape[2]
+    head_dim = q.shape[3]
+    group = num_heads_q // k.shape[2]
+    total_work = tile_offsets[-1] * num_heads_q
+    # Work goes round-robin to the lanes rather than in contiguous chunks: with a causal
+    # mask later query tiles cost more, and interleaving keeps the threads even.
+    for lane in prange(lanes):
+        q_tile = np.empty((block_q, head_dim), np.float32)
+        k_tile = np.empty((block_k, head_dim), np.float32)
+        v_tile = np.empty((block_k, head_dim), np.float32)
+        scores = np.empty(block_q * block_k, np.float32)
+        probs = np.empty(block_q * block_k, np.float32)
+        row_out = np.empty(head_dim, np.float32)
+        scratch = (
+            q_tile,
+            q_tile.view(np.uint32),
+            k_tile,
+            k_tile.view(np.uint32),
+            v_tile,
+            v_tile.view(np.uint32),
+            scores,
+            probs,
+            probs.view(np.int32),
+            np.empty(block_k, np.int32),
+            np.empty(block_q * head_dim, np.float32),
+            np.empty((block_q, head_dim), np.float32),
+            np.empty(block_q, np.float32),
+            np.empty(block_q, np.float32),
+            row_out,
+            row_out.view(np.uint32),
+        )
+        for work in range(lane, total_work, lanes):
+            tile = work // num_heads_q
+            head = work - tile * num_heads_q
+            seq = np.searchsorted(tile_offsets, tile, side="right") - 1
+            q_len = seqs[seq, SEQ_Q_LEN]
+            k_len = seqs[seq, SEQ_K_LEN]
+            q_begin = (tile - tile_offsets[seq]) * block_q
+            _attend_query_tile(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                sinks,
+                has_sinks,
+                seqs[seq, SEQ_BATCH],
+                head,
+                head // group,
+                seqs[seq, SEQ_Q_START] + q_begin,
+                min(block_q, q_len - q_begin),
+                seqs[seq, SEQ_K_START],
+                k_len,
+                k_len - q_len - seqs[seq, SEQ_Q_START],
+                code,
+                scale,
+                softcap,
+                window_left,
+                window_right,
+                sink_tokens,
+                block_k,
+                scratch,
+            )
+
+
+_compiled: dict[np.dtype, object] = {}
+
+
+def attention_forward(word_dtype: np.dtype):
+    """The kernel for arrays of ``word_dtype`` words, compiled (or loaded from numba's disk
+    cache) on first use.
+
+    The signature is explicit and every array is typed with any layout ('A'): contiguous
+    and strided callers share one machine-code version instead of compiling one per
+    combination of layouts.
+    """
+    word_dtype = np.dtype(word_dtype)
+    if word_dtype not in _compiled:
+        words = numba.types.Array(numba.from_dtype(word_dtype), 4, "A")
+        float32 = numba.types.float32
+        int64 = numba.types.int64
+        signature = numba.types.void(
+            words,
+            words,
+            words,
+            words,
+            numba.types.Array(float32, 3, "A"),
+            numba.types.Array(float32, 1, "A"),
+            numba.types.boolean,
+            numba.types.Array(int64, 2, "A"),
+            numba.types.Array(int64, 1, "A"),
+            int64,
+            numba.types.float64,
+            numba.types.float64,
+            int64,
+            int64,
+            int64,
+            int64,
+            int64,
+            int64,
+        )
+        _compiled[word_dtype] = numba.njit([signature], parallel=True, cache=True)(
+            _attention_forward
+        )
+    return _compiled[word_dtype]

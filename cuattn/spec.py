@@ -1,0 +1,414 @@
+"""What one attention call computes, validated once.
+
+Every check of SEMANTICS.md's "Errors" lives here, runs on the imported arrays before any
+backend is chosen, and raises an exception that names the argument, what it got and what
+it needs. A backend receives an :class:`AttentionSpec` and may trust it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dlpack import BFLOAT16, RawArray
+
+FLOAT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32))
+MIN_HEAD_DIM, MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 8, 256, 8
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Shapes, dtype and mask of one call.
+
+    ``window_left`` / ``window_right`` are -1 when unbounded; ``causal`` is already folded
+    into ``window_right = 0``. For varlen calls ``seqlen_q`` / ``seqlen_k`` are the
+    maxima the caller declared; for KV-cache calls ``seqlen_k`` is the cache capacity.
+    """
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    num_heads_q: int
+    num_heads_kv: int
+    head_dim: int
+    dtype: np.dtype
+    scale: float
+    softcap: float
+    window_left: int
+    window_right: int
+    sink_tokens: int
+    has_sinks: bool
+    return_lse: bool
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1: multi-head; num_heads_q: multi-query)."""
+        return self.num_heads_q // self.num_heads_kv
+
+    @property
+    def causal(self) -> bool:
+        return self.window_right == 0
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """The keyword options shared by every entry point, as the user gave them."""
+
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    scale: float | None = None
+    softcap: float = 0.0
+    sink_tokens: int = 0
+    return_lse: bool = False
+
+
+def _shape_text(shape) -> str:
+    return str(tuple(int(s) for s in shape))
+
+
+def _check_ndim(name: str, raw: RawArray, ndim: int, layout: str) -> None:
+    if raw.ndim != ndim:
+        raise ValueError(
+            f"{name}: expected {ndim} dimensions {layout}, got shape {_shape_text(raw.shape)}"
+        )
+
+
+def _check_float(name: str, raw: RawArray) -> None:
+    if raw.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype must be float16, bfloat16 or float32, got {raw.dtype}")
+
+
+def _check_last_dim_contiguous(name: str, raw: RawArray) -> None:
+    # An empty array has no layout to speak of (NumPy gives it zero strides).
+    if raw.size and raw.shape[-1] > 1 and raw.strides[-1] != 1:
+        raise ValueError(
+            f"{name}: the last dimension (head_dim) must be contiguous, got strides "
+            f"{_shape_text(raw.strides)} in elements; other dimensions may have any stride"
+        )
+
+
+def _check_head_dim(name: str, head_dim: int) -> None:
+    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0):
+        raise ValueError(
+            f"{name}: head_dim must be a multiple of {HEAD_DIM_MULTIPLE} from {MIN_HEAD_DIM} "
+            f"to {MAX_HEAD_DIM}, got {head_dim}"
+        )
+
+
+def _check_same(name: str, what: str, got, want, other: str) -> None:
+    if got != want:
+        raise ValueError(f"{name}: {what} must equal {other}'s {want}, got {got}")
+
+
+def _check_heads(num_heads_q: int, num_heads_kv: int) -> None:
+    if num_heads_kv < 1 or num_heads_q % num_heads_kv != 0:
+        raise ValueError(
+            f"k: num_heads_kv must divide q's num_heads {num_heads_q} "
+            f"(grouped-query attention), got {num_heads_kv}"
+        )
+
+
+def _check_qkv(q: RawArray, k: RawArray, v: RawArray, kv_names=("k", "v")) -> None:
+    """Shared checks of q against a (k, v) pair whose last two axes are (heads, head_dim)."""
+    k_name, v_name = kv_names
+    for name, raw in (("q", q), (k_name, k), (v_name, v)):
+        _check_float(name, raw)
+        _check_last_dim_contiguous(name, raw)
+    for name, raw in ((k_name, k), (v_name, v)):
+        if raw.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype must match q's {q.dtype}, got {raw.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(
+            f"{v_name}: shape must equal {k_name}'s {_shape_text(k.shape)}, "
+            f"got {_shape_text(v.shape)}"
+        )
+    _check_head_dim("q", q.shape[-1])
+    _check_same(k_name, "head_dim", k.shape[-1], q.shape[-1], "q")
+    if q.ndim == 4:
+        _check_same(k_name, "batch", k.shape[0], q.shape[0], "q")
+    _check_heads(q.shape[-2], k.shape[-2])
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _resolve_options(
+    options: MaskOptions, head_dim: int, num_heads_q: int, sinks: RawArray | None
+) -> dict:
+    if not isinstance(options.causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(options.causal).__name__}")
+    window = options.window
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window: expected a pair (left, right), got {window!r}")
+    left = _check_int("window[0] (left)", window[0], -1)
+    right = _check_int("window[1] (right)", window[1], -1)
+    if options.causal:
+        right = 0  # causal is the window whose right edge is the query's own position
+    scale = 1.0 / math.sqrt(head_dim) if options.scale is None else options.scale
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float, np.floating))
+        or not math.isfinite(scale)
+    ):
+        raise ValueError(f"scale: expected a finite float, got {options.scale!r}")
+    softcap = options.softcap
+    if not isinstance(softcap, (int, float, np.floating)) or not (
+        math.isfinite(softcap) and softcap >= 0
+    ):
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 disables it), got {softcap!r}")
+    sink_tokens = _check_int("sink_tokens", options.sink_tokens, 0)
+    if sinks is not None:
+        if sinks.shape != (num_heads_q,):
+            raise ValueError(
+                f"sinks: expected shape ({num_heads_q},), one logit per query head, "
+                f"got {_shape_text(sinks.shape)}"
+            )
+        if sinks.dtype != np.float32:
+            raise TypeError(f"sinks: dtype must be float32, got {sinks.dtype}")
+    return dict(
+        scale=float(scale),
+        softcap=float(softcap),
+        window_left=left,
+        window_right=right,
+        sink_tokens=sink_tokens,
+        has_sinks=sinks is not None,
+        return_lse=bool(options.return_lse),
+    )
+
+
+def attention_spec(raw: dict[str, RawArray], options: MaskOptions) -> AttentionSpec:
+    """Validate ``attention(q, k, v, ...)``: q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D)."""
+    q, k, v = raw["q"], raw["k"], raw["v"]
+    layout = "(batch, seqlen, num_heads, head_dim)"
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        _check_ndim(name, array, 4, layout)
+    _check_qkv(q, k, v)
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    return AttentionSpec(
+        batch=batch,
+        seqlen_q=seqlen_q,
+        seqlen_k=k.shape[1],
+        num_heads_q=num_heads_q,
+        num_heads_kv=k.shape[2],
+        head_dim=head_dim,
+        dtype=q.dtype,
+        **_resolve_options(options, head_dim, num_heads_q, raw.get("sinks")),
+    )
+
+
+def _check_cu_seqlens(
+    name: str,
+    raw: RawArray,
+    values: np.ndarray,
+    total: int,
+    total_name: str,
+    max_seqlen: int,
+    max_name: str,
+) -> None:
+    if raw.ndim != 1 or raw.shape[0] < 1:
+        raise ValueError(f"{name}: expected shape (batch + 1,), got {_shape_text(raw.shape)}")
+    if raw.dtype != np.int32:
+        raise TypeError(f"{name}: dtype must be int32, got {raw.dtype}")
+    if values[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {int(values[0])}")
+    steps = np.diff(values.astype(np.int64))
+    if np.any(steps < 0):
+        at = int(np.argmax(steps < 0))
+        raise ValueError(
+            f"{name}: must be non-decreasing prefix sums, got {int(values[at])} then "
+            f"{int(values[at + 1])} at index {at}"
+        )
+    if values[-1] > total:
+        raise ValueError(
+            f"{name}: last entry {int(values[-1])} exceeds {total_name}'s length {total}"
+        )
+    if steps.size and steps.max() > max_seqlen:
+        raise ValueError(
+            f"{max_name}: a sequence has length {int(steps.max())}, "
+            f"more than {max_name}={max_seqlen}"
+        )
+
+
+def varlen_spec(
+    raw: dict[str, RawArray],
+    cu_seqlens_q: np.ndarray,
+    cu_seqlens_k: np.ndarray,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    options: MaskOptions,
+) -> AttentionSpec:
+    """Validate packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D).
+
+    ``cu_seqlens_*`` are the host copies of the prefix sums (the device ones, if any, are
+    in ``raw``).
+    """
+    q, k, v = raw["q"], raw["k"], raw["v"]
+    layout = "(total_tokens, num_heads, head_dim)"
+    for name, array in (("q", q), ("k", k), ("v", v)):
+        _check_ndim(name, array, 3, layout)
+    _check_qkv(q, k, v)
+    max_seqlen_q = _check_int("max_seqlen_q", max_seqlen_q, 0)
+    max_seqlen_k = _check_int("max_seqlen_k", max_seqlen_k, 0)
+    _check_cu_seqlens(
+        "cu_seqlens_q",
+        raw["cu_seqlens_q"],
+        cu_seqlens_q,
+        q.shape[0],
+        "q",
+        max_seqlen_q,
+        "max_seqlen_q",
+    )
+    _check_cu_seqlens(
+        "cu_seqlens_k",
+        raw["cu_seqlens_k"],
+        cu_seqlens_k,
+        k.shape[0],
+        "k",
+        max_seqlen_k,
+        "max_seqlen_k",
+    )
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_k: must have the same length as cu_seqlens_q ({cu_seqlens_q.shape[0]}), "
+            f"got {cu_seqlens_k.shape[0]}"
+        )
+    _, num_heads_q, head_dim = q.shape
+    return AttentionSpec(
+        batch=cu_seqlens_q.shape[0] - 1,
+        seqlen_q=max_seqlen_q,
+        seqlen_k=max_seqlen_k,
+        num_heads_q=num_heads_q,
+        num_heads_kv=k.shape[1],
+        head_dim=head_dim,
+        dtype=q.dtype,
+        **_resolve_options(options, head_dim, num_heads_q, raw.get("sinks")),
+    )
+
+
+def kvcache_spec(
+    raw: dict[str, RawArray], cache_seqlens: np.ndarray, options: MaskOptions
+) -> AttentionSpec:
+    """Validate a KV-cache call: q (B, Sq, Hq, D); caches (B, S_cache, Hkv, D);
+    optional k_new / v_new (B, S_new, Hkv, D); ``cache_seqlens`` the host copy (B,).
+
+    Overflow (a sequence whose new tokens would pass the cache's end) is caught here,
+    before anything is written.
+    """
+    q, k_cache, v_cache = raw["q"], raw["k_cache"], raw["v_cache"]
+    layout = "(batch, seqlen, num_heads, head_dim)"
+    for name, array in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_ndim(name, array, 4, layout)
+    _check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"))
+    batch, _, _, head_dim = q.shape
+    capacity = k_cache.shape[1]
+    new_len = 0
+    k_new, v_new = raw.get("k_new"), raw.get("v_new")
+    if (k_new is None) != (v_new is None):
+        missing = "v_new" if v_new is None else "k_new"
+        raise ValueError(f"{missing}: k_new and v_new come together, got only one of them")
+    if k_new is not None:
+        for name, array in (("k_new", k_new), ("v_new", v_new)):
+            _check_ndim(name, array, 4, layout)
+            _check_float(name, array)
+            _check_last_dim_contiguous(name, array)
+            if array.dtype != q.dtype:
+                raise TypeError(f"{name}: dtype must match q's {q.dtype}, got {array.dtype}")
+            if (array.shape[0], array.shape[2], array.shape[3]) != (
+                batch,
+                k_cache.shape[2],
+                head_dim,
+            ):
+                raise ValueError(
+                    f"{name}: expected shape ({batch}, seqlen_new, {k_cache.shape[2]}, {head_dim}) "
+                    f"to match q and k_cache, got {_shape_text(array.shape)}"
+                )
+        if v_new.shape != k_new.shape:
+            raise ValueError(
+                f"v_new: shape must equal k_new's {_shape_text(k_new.shape)}, "
+                f"got {_shape_text(v_new.shape)}"
+            )
+        new_len = k_new.shape[1]
+    seqlens_raw = raw["cache_seqlens"]
+    if seqlens_raw.shape != (batch,):
+        raise ValueError(
+            f"cache_seqlens: expected shape ({batch},), one length per sequence, "
+            f"got {_shape_text(seqlens_raw.shape)}"
+        )
+    if seqlens_raw.dtype != np.int32:
+        raise TypeError(f"cache_seqlens: dtype must be int32, got {seqlens_raw.dtype}")
+    if batch and cache_seqlens.min() < 0:
+        raise ValueError(f"cache_seqlens: lengths must be >= 0, got {int(cache_seqlens.min())}")
+    if batch and cache_seqlens.max() + new_len > capacity:
+        worst = int(np.argmax(cache_seqlens))
+        raise ValueError(
+            f"cache_seqlens: sequence {worst} holds {int(cache_seqlens[worst])} tokens and "
+            f"{new_len} new ones would pass the cache's capacity of {capacity} (k_cache.shape[1]); "
+            "nothing was written"
+        )
+    num_heads_q = q.shape[2]
+    return AttentionSpec(
+        batch=batch,
+        seqlen_q=q.shape[1],
+        seqlen_k=capacity,
+        num_heads_q=num_heads_q,
+        num_heads_kv=k_cache.shape[2],
+        head_dim=head_dim,
+        dtype=q.dtype,
+        **_resolve_options(options, head_dim, num_heads_q, raw.get("sinks")),
+    )
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Which queries attend to which keys: one row per sequence.
+
+    ``table`` is int64 (num_seqs, 5): batch entry, first query row, query count, first key
+    row, key count (columns named in backends/cpu/flash.py). Padded batches, packed
+    (varlen) batches and KV caches are all this table over 4-D (batch, seqlen, heads,
+    head_dim) arrays; a packed batch is one batch entry. ``kind`` tells a GPU backend
+    which device-side lengths to read instead: "batched", "varlen" or "kvcache".
+    """
+
+    kind: str
+    table: np.ndarray
+    new_tokens: int = 0
+
+    @property
+    def max_query_len(self) -> int:
+        return int(self.table[:, 2].max()) if len(self.table) else 0
+
+
+def batched_sequences(batch: int, seqlen_q: int, seqlen_k: int) -> Sequences:
+    table = np.zeros((batch, 5), np.int64)
+    table[:, 0] = np.arange(batch)
+    table[:, 2] = seqlen_q
+    table[:, 4] = seqlen_k
+    return Sequences("batched", table)
+
+
+def varlen_sequences(cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray) -> Sequences:
+    cu_q = cu_seqlens_q.astype(np.int64)
+    cu_k = cu_seqlens_k.astype(np.int64)
+    table = np.zeros((len(cu_q) - 1, 5), np.int64)
+    table[:, 1] = cu_q[:-1]
+    table[:, 2] = np.diff(cu_q)
+    table[:, 3] = cu_k[:-1]
+    table[:, 4] = np.diff(cu_k)
+    return Sequences("varlen", table)
+
+
+def kvcache_sequences(cache_seqlens: np.ndarray, seqlen_q: int, new_tokens: int) -> Sequences:
+    """Each sequence attends over its cached tokens plus the ``new_tokens`` appended."""
+    batch = len(cache_seqlens)
+    table = np.zeros((batch, 5), np.int64)
+    table[:, 0] = np.arange(batch)
+    table[:, 2] = seqlen_q
+    table[:, 4] = cache_seqlens.astype(np.int64) + new_tokens
+    return Sequences("kvcache", table, new_tokens)

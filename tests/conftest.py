@@ -1,0 +1,45 @@
+"""Shared fixtures: fresh random data per test, poisoned results, GPU detection."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+import cuattn.interop
+
+
+@pytest.fixture(autouse=True)
+def poison_results(monkeypatch):
+    """Every result buffer starts as NaN, so an element no kernel wrote cannot pass."""
+    monkeypatch.setattr(cuattn.interop, "POISON_RESULTS", True)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded by the test's id: fresh data for each check, reproducible runs."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _gpu_reason() -> str | None:
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device"
+    except Exception as error:  # a driver without a device raises its own errors
+        return f"no usable CUDA device ({error})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    for item in items:
+        if "gpu" in item.keywords:
+            if reason is None:
+                reason = _gpu_reason() or ""
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))

@@ -1,0 +1,108 @@
+"""attention(): every backend against the float64 oracle, over the contract's sweep.
+
+One body per behaviour, run on each backend through the public API with ``backend=``.
+Sizes are awkward on purpose (1, 97, 1025, 1999; seqlen_q != seqlen_k both ways) so
+that no length divides a tile, and masks are chosen to hide whole tiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuattn
+
+from .helpers import DTYPES, assert_close, backend_params, call, qkv, random_array
+from .oracle import attention_oracle
+
+# (id, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, options)
+CASES = [
+    ("mha", 2, 33, 33, 4, 4, 64, {}),
+    ("head-dim-8", 1, 17, 23, 2, 2, 8, dict(causal=True)),
+    ("head-dim-80", 1, 97, 97, 2, 1, 80, {}),
+    ("head-dim-128", 1, 40, 300, 2, 2, 128, dict(causal=True)),
+    ("head-dim-256", 1, 70, 45, 2, 2, 256, {}),
+    ("q-longer-than-k", 1, 300, 97, 2, 2, 64, {}),
+    ("q-longer-than-k-causal", 2, 300, 97, 2, 1, 64, dict(causal=True)),
+    ("k-longer-than-q-causal", 1, 97, 1025, 4, 2, 64, dict(causal=True)),
+    ("decode-one-query", 3, 1, 1025, 8, 2, 64, dict(causal=True)),
+    ("gqa-2", 1, 65, 129, 4, 2, 32, {}),
+    ("gqa-4", 2, 65, 65, 8, 2, 32, dict(causal=True)),
+    ("gqa-8", 1, 50, 90, 8, 1, 16, {}),
+    ("mqa", 1, 300, 300, 6, 1, 64, dict(causal=True)),
+    ("window-left-only", 1, 600, 600, 2, 2, 64, dict(window=(37, -1))),
+    ("window-right-only", 1, 600, 600, 2, 2, 64, dict(window=(-1, 40))),
+    ("window-both", 1, 700, 1999, 2, 1, 64, dict(window=(100, 25))),
+    ("window-zero", 1, 300, 300, 2, 2, 32, dict(window=(0, 0))),
+    ("causal-window", 1, 1999, 1999, 1, 1, 32, dict(causal=True, window=(300, -1))),
+    ("sink-tokens", 1, 700, 700, 2, 2, 64, dict(causal=True, window=(63, 0), sink_tokens=4)),
+    ("sink-tokens-past-window", 1, 300, 900, 2, 1, 64, dict(window=(50, 0), sink_tokens=300)),
+    ("learned-sinks", 2, 97, 97, 4, 2, 64, dict(causal=True, with_sinks=True)),
+    ("learned-sinks-masked-rows", 1, 40, 10, 2, 2, 32, dict(causal=True, with_sinks=True)),
+    ("softcap", 1, 97, 300, 2, 2, 64, dict(softcap=5.0, scale=0.3)),
+    ("softcap-causal", 1, 300, 300, 2, 1, 64, dict(softcap=30.0, causal=True)),
+    ("scale", 1, 33, 77, 2, 2, 64, dict(scale=0.05)),
+    ("fully-masked-rows", 1, 600, 40, 2, 2, 64, dict(causal=True, window=(5, 0))),
+]
+
+
+def _options(rng, heads_q, options):
+    options = dict(options)
+    if options.pop("with_sinks", False):
+        options["sinks"] = rng.uniform(-2.0, 3.0, heads_q).astype(np.float32)
+    return options
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_attention_matches_oracle(rng, backend, dtype, case):
+    _, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, options = case
+    q, k, v = qkv(rng, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype)
+    options = _options(rng, heads_q, options)
+    out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True, **options)
+    expected_out, expected_lse = attention_oracle(q, k, v, **options)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close(out, expected_out, dtype)
+    assert lse.dtype == np.float32 and lse.shape == (batch, heads_q, seqlen_q)
+    assert_close(lse, expected_lse, dtype, what="lse")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_causal_is_the_window_with_right_edge_zero(rng, backend):
+    q, k, v = qkv(rng, 1, 300, 400, 2, 2, 64, np.float32)
+    causal = call(cuattn.attention, backend, q, k, v, causal=True)
+    window = call(cuattn.attention, backend, q, k, v, window=(-1, 0))
+    np.testing.assert_array_equal(causal, window)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_strided_inputs_are_read_in_place(rng, backend):
+    # A packed qkv tensor sliced into q, k, v, and a (B, H, S, D) tensor seen as (B, S, H, D).
+    packed = random_array(rng, (2, 97, 3, 4, 64), np.float16)
+    q, k, v = packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]
+    heads_first = random_array(rng, (2, 4, 97, 64), np.float16).transpose(0, 2, 1, 3)
+    for query in (q, heads_first):
+        out = call(cuattn.attention, backend, query, k, v, causal=True)
+        expected, _ = attention_oracle(query, k, v, causal=True)
+        assert_close(out, expected, np.float16)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    "shape_q, shape_kv",
+    [
+        ((0, 5, 2, 64), (0, 5, 2, 64)),
+        ((2, 0, 2, 64), (2, 5, 2, 64)),
+        ((2, 5, 2, 64), (2, 0, 1, 64)),
+    ],
+    ids=["batch-0", "seqlen-q-0", "seqlen-k-0"],
+)
+def test_empty_inputs_give_correctly_shaped_results(rng, backend, shape_q, shape_kv):
+    q = random_array(rng, shape_q, np.float32)
+    k = random_array(rng, shape_kv, np.float32)
+    v = random_array(rng, shape_kv, np.float32)
+    out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True)
+    assert out.shape == shape_q and lse.shape == (shape_q[0], shape_q[2], shape_q[1])
+    # With no keys at all every row sees nothing: zeros and -inf, never NaN.
+    assert np.all(out == 0) and np.all(lse == -np.inf)

@@ -1,0 +1,86 @@
+"""The numba building blocks on their own: bit conversions and exp2."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from cuattn.backends.cpu.bits import BFLOAT16, FLOAT16, narrow_bits, widen_row
+from cuattn.backends.cpu.exp2 import exp2_shifted
+
+from .helpers import BFLOAT16 as BF16_DTYPE
+
+
+@numba.njit
+def _widen(words, code):
+    out = np.empty(words.size, np.float32)
+    widen_row(words, code, out.view(np.uint32), out, words.size)
+    return out
+
+
+@numba.njit
+def _narrow(values, code):
+    bits = values.view(np.uint32)
+    out = np.empty(values.size, np.uint16)
+    for i in range(values.size):
+        out[i] = narrow_bits(bits[i], code)
+    return out
+
+
+@pytest.mark.parametrize(
+    "code, dtype", [(FLOAT16, np.float16), (BFLOAT16, BF16_DTYPE)], ids=["float16", "bfloat16"]
+)
+def test_widening_is_exact_for_every_16_bit_pattern(code, dtype):
+    words = np.arange(2**16, dtype=np.uint16)
+    expected = words.view(dtype).astype(np.float32)
+    got = _widen(words, code)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])
+
+
+@pytest.mark.parametrize(
+    "code, dtype", [(FLOAT16, np.float16), (BFLOAT16, BF16_DTYPE)], ids=["float16", "bfloat16"]
+)
+def test_narrowing_rounds_to_nearest_even_like_numpy(rng, code, dtype):
+    anywhere = rng.integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32)
+    # Dense around float16's range: subnormals, the overflow edge, exact ties.
+    near = rng.integers(0x32000000, 0x48000000, 2_000_000, dtype=np.uint64).astype(np.uint32)
+    ties = (np.arange(2**16, dtype=np.uint32) << 13) | 0x1000
+    bits = np.concatenate([anywhere, near, near | 0x80000000, ties, ties | 0x80000000])
+    values = bits.view(np.float32)
+    with np.errstate(all="ignore"):
+        expected = values.astype(dtype).view(np.uint16)
+    got = _narrow(values, code)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    assert np.isnan(got[nan].view(dtype).astype(np.float32)).all()
+
+
+@numba.njit
+def _exp2(values, shift):
+    out = np.empty(values.size, np.float32)
+    exponents = np.empty(values.size, np.int32)
+    exp2_shifted(values, shift, out, out.view(np.int32), exponents, values.size)
+    return out
+
+
+def test_exp2_is_within_one_ulp_and_flushes_the_underflow(rng):
+    values = np.concatenate([-rng.exponential(8.0, 1_000_000), -np.linspace(0, 124.999, 100_001)])
+    values = values.astype(np.float32)
+    values = values[values > -125]
+    got = _exp2(values, np.float32(0.0))
+    expected = np.exp2(values.astype(np.float64))
+    relative = np.abs(got - expected) / expected
+    assert relative.max() < 2.5e-7  # about 2 ulp of float32
+    below = np.array([-125.0, -126.5, -200.0, -np.inf], np.float32)
+    np.testing.assert_array_equal(_exp2(below, np.float32(0.0)), 0.0)
+
+
+def test_exp2_shift_is_subtracted_first(rng):
+    values = rng.uniform(-30, 10, 1000).astype(np.float32)
+    got = _exp2(values, np.float32(10.0))
+    # The difference is taken in float32, as the kernel's scores are.
+    difference = (values - np.float32(10.0)).astype(np.float64)
+    np.testing.assert_allclose(got, np.exp2(difference), rtol=2.5e-7)

@@ -1,0 +1,364 @@
+"""Every error path of SEMANTICS.md "Errors": the exception names the argument, what it
+got and what it needs, and comes before any backend runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuattn
+
+from .helpers import BFLOAT16, random_array
+
+
+@pytest.fixture
+def arrays(rng):
+    q = random_array(rng, (2, 5, 4, 64), np.float32)
+    k = random_array(rng, (2, 7, 2, 64), np.float32)
+    v = random_array(rng, (2, 7, 2, 64), np.float32)
+    return q, k, v
+
+
+def _raises(error, pattern, function, *args, **kwargs):
+    with pytest.raises(error, match=pattern):
+        function(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        (
+            lambda q, k, v: (q[0], k, v),
+            ValueError,
+            r"q: expected 4 dimensions .* got shape \(5, 4, 64\)",
+        ),
+        (
+            lambda q, k, v: (q, k[:, :, :, :32], v),
+            ValueError,
+            r"v: shape must equal k's \(2, 7, 2, 32\)",
+        ),
+        (lambda q, k, v: (q, k[:1], v[:1]), ValueError, r"k: batch must equal q's 2, got 1"),
+        (
+            lambda q, k, v: (q, k, v[:, :6]),
+            ValueError,
+            r"v: shape must equal k's \(2, 7, 2, 64\), got \(2, 6, 2, 64\)",
+        ),
+        (
+            lambda q, k, v: (q, k[:, :, :, :32], v[:, :, :, :32]),
+            ValueError,
+            r"k: head_dim must equal q's 64, got 32",
+        ),
+        (
+            lambda q, k, v: (q, np.repeat(k, 3, 2)[:, :, :3], np.repeat(v, 3, 2)[:, :, :3]),
+            ValueError,
+            r"k: num_heads_kv must divide q's num_heads 4 .* got 3",
+        ),
+        (
+            lambda q, k, v: (q.astype(np.float16), k, v),
+            TypeError,
+            r"k: dtype must match q's float16, got float32",
+        ),
+        (
+            lambda q, k, v: (q, k, v.astype(BFLOAT16)),
+            TypeError,
+            r"v: dtype must match q's float32, got bfloat16",
+        ),
+        (
+            lambda q, k, v: (q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)),
+            TypeError,
+            r"q: dtype must be float16, bfloat16 or float32, got float64",
+        ),
+        (lambda q, k, v: (q.astype(np.int32), k, v), TypeError, r"q: dtype must be .* got int32"),
+        (
+            lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12]),
+            ValueError,
+            r"q: head_dim must be a multiple of 8 from 8 to 256, got 12",
+        ),
+        (
+            lambda q, k, v: (
+                np.zeros((2, 5, 4, 264), np.float32),
+                np.zeros((2, 7, 2, 264), np.float32),
+                np.zeros((2, 7, 2, 264), np.float32),
+            ),
+            ValueError,
+            r"q: head_dim must be .* got 264",
+        ),
+        (
+            lambda q, k, v: (q[..., ::2], k[..., ::2], v[..., ::2]),
+            ValueError,
+            r"q: the last dimension \(head_dim\) must be contiguous, "
+            r"got strides \(1280, 256, 64, 2\)",
+        ),
+        (
+            lambda q, k, v: (q, k, np.asfortranarray(v)),
+            ValueError,
+            r"v: the last dimension \(head_dim\) must be contiguous",
+        ),
+    ],
+    ids=[
+        "q-ndim",
+        "v-shape",
+        "batch",
+        "v-seqlen",
+        "head-dim",
+        "heads-divide",
+        "k-dtype",
+        "v-dtype",
+        "float64",
+        "int32",
+        "head-dim-multiple",
+        "head-dim-max",
+        "q-strided-last-dim",
+        "v-fortran",
+    ],
+)
+def test_attention_refuses_bad_arrays(arrays, change, error, pattern):
+    _raises(error, pattern, cuattn.attention, *change(*arrays))
+
+
+@pytest.mark.parametrize(
+    "options, error, pattern",
+    [
+        (dict(window=(-2, 0)), ValueError, r"window\[0\] \(left\): must be >= -1, got -2"),
+        (dict(window=(4, -3)), ValueError, r"window\[1\] \(right\): must be >= -1, got -3"),
+        (dict(window=(4,)), ValueError, r"window: expected a pair \(left, right\), got \(4,\)"),
+        (dict(window=(1.5, 0)), TypeError, r"window\[0\] \(left\): expected an int, got float"),
+        (dict(causal=1), TypeError, r"causal: expected a bool, got int"),
+        (dict(scale=float("nan")), ValueError, r"scale: expected a finite float, got nan"),
+        (dict(softcap=-1.0), ValueError, r"softcap: expected a finite float >= 0"),
+        (dict(sink_tokens=-1), ValueError, r"sink_tokens: must be >= 0, got -1"),
+        (
+            dict(sinks=np.zeros(3, np.float32)),
+            ValueError,
+            r"sinks: expected shape \(4,\), one logit per query head, got \(3,\)",
+        ),
+        (
+            dict(sinks=np.zeros(4, np.float16)),
+            TypeError,
+            r"sinks: dtype must be float32, got float16",
+        ),
+        (dict(backend="tpu"), ValueError, r"backend: expected 'auto', 'cpu'.*; got 'tpu'"),
+    ],
+    ids=[
+        "window-left",
+        "window-right",
+        "window-pair",
+        "window-int",
+        "causal-bool",
+        "scale",
+        "softcap",
+        "sink-tokens",
+        "sinks-shape",
+        "sinks-dtype",
+        "backend-name",
+    ],
+)
+def test_attention_refuses_bad_options(arrays, options, error, pattern):
+    _raises(error, pattern, cuattn.attention, *arrays, **options)
+
+
+def test_not_an_array_is_named(arrays):
+    q, k, v = arrays
+    _raises(TypeError, r"k: expected an array .* got list", cuattn.attention, q, k.tolist(), v)
+
+
+def test_mixed_frameworks_are_refused(arrays):
+    torch = pytest.importorskip("torch")
+    q, k, v = arrays
+    _raises(
+        TypeError,
+        r"k: is a torch array but q is a numpy array",
+        cuattn.attention,
+        q,
+        torch.from_numpy(k),
+        v,
+    )
+
+
+def test_tensor_requiring_grad_is_named(arrays):
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.from_numpy(a) for a in arrays)
+    q.requires_grad_(True)
+    _raises(TypeError, r"q: could not be read through DLPack", cuattn.attention, q, k, v)
+
+
+# --- varlen -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def packed(rng):
+    q = random_array(rng, (12, 4, 64), np.float32)
+    k = random_array(rng, (15, 2, 64), np.float32)
+    v = random_array(rng, (15, 2, 64), np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "cu_q, cu_k, max_q, max_k, error, pattern",
+    [
+        (
+            [0, 7, 5, 12],
+            [0, 5, 10, 15],
+            7,
+            5,
+            ValueError,
+            r"cu_seqlens_q: must be non-decreasing prefix sums, got 7 then 5 at index 1",
+        ),
+        ([1, 7, 12], [0, 5, 15], 7, 10, ValueError, r"cu_seqlens_q: must start at 0, got 1"),
+        (
+            [0, 7, 13],
+            [0, 5, 15],
+            7,
+            10,
+            ValueError,
+            r"cu_seqlens_q: last entry 13 exceeds q's length 12",
+        ),
+        (
+            [0, 7, 12],
+            [0, 5, 10, 15],
+            7,
+            5,
+            ValueError,
+            r"cu_seqlens_k: must have the same length as cu_seqlens_q \(3\), got 4",
+        ),
+        (
+            [0, 7, 12],
+            [0, 5, 15],
+            6,
+            10,
+            ValueError,
+            r"max_seqlen_q: a sequence has length 7, more than max_seqlen_q=6",
+        ),
+        ([0, 7, 12], [0, 5, 15], 7, -1, ValueError, r"max_seqlen_k: must be >= 0, got -1"),
+    ],
+    ids=["decreasing", "start", "past-end", "lengths", "max-q", "max-k-negative"],
+)
+def test_varlen_refuses_bad_prefix_sums(packed, cu_q, cu_k, max_q, max_k, error, pattern):
+    q, k, v = packed
+    _raises(
+        error,
+        pattern,
+        cuattn.attention_varlen,
+        q,
+        k,
+        v,
+        np.array(cu_q, np.int32),
+        np.array(cu_k, np.int32),
+        max_q,
+        max_k,
+    )
+
+
+def test_varlen_refuses_int64_prefix_sums(packed):
+    q, k, v = packed
+    _raises(
+        TypeError,
+        r"cu_seqlens_q: dtype must be int32, got int64",
+        cuattn.attention_varlen,
+        q,
+        k,
+        v,
+        np.array([0, 12]),
+        np.array([0, 15], np.int32),
+        12,
+        15,
+    )
+
+
+# --- kv cache -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(rng):
+    q = random_array(rng, (2, 1, 4, 64), np.float32)
+    k_cache = random_array(rng, (2, 16, 2, 64), np.float32)
+    v_cache = random_array(rng, (2, 16, 2, 64), np.float32)
+    k_new = random_array(rng, (2, 1, 2, 64), np.float32)
+    return q, k_cache, v_cache, k_new
+
+
+def test_kvcache_refuses_k_new_without_v_new(cache):
+    q, k_cache, v_cache, k_new = cache
+    _raises(
+        ValueError,
+        r"v_new: k_new and v_new come together",
+        cuattn.attention_with_kvcache,
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        None,
+        np.array([1, 2], np.int32),
+    )
+
+
+def test_kvcache_refuses_new_tokens_of_another_shape(cache):
+    q, k_cache, v_cache, k_new = cache
+    wrong = np.concatenate([k_new, k_new], axis=2)
+    _raises(
+        ValueError,
+        r"k_new: expected shape \(2, seqlen_new, 2, 64\) .* got \(2, 1, 4, 64\)",
+        cuattn.attention_with_kvcache,
+        q,
+        k_cache,
+        v_cache,
+        wrong,
+        wrong,
+        np.array([1, 2], np.int32),
+    )
+
+
+@pytest.mark.parametrize(
+    "lengths, error, pattern",
+    [
+        (
+            np.array([1, 16], np.int32),
+            ValueError,
+            r"cache_seqlens: sequence 1 holds 16 tokens and 1 new ones would pass "
+            r"the cache's capacity of 16",
+        ),
+        (np.array([1, -2], np.int32), ValueError, r"cache_seqlens: lengths must be >= 0, got -2"),
+        (np.array([1, 2, 3], np.int32), ValueError, r"cache_seqlens: expected shape \(2,\)"),
+        (np.array([1, 2], np.int64), TypeError, r"cache_seqlens: dtype must be int32, got int64"),
+    ],
+    ids=["overflow", "negative", "shape", "dtype"],
+)
+def test_kvcache_refuses_bad_lengths_and_writes_nothing(cache, lengths, error, pattern):
+    q, k_cache, v_cache, k_new = cache
+    before = k_cache.copy()
+    _raises(
+        error, pattern, cuattn.attention_with_kvcache, q, k_cache, v_cache, k_new, k_new, lengths
+    )
+    np.testing.assert_array_equal(k_cache, before)
+
+
+def test_kvcache_refuses_a_read_only_cache(cache):
+    q, k_cache, v_cache, k_new = cache
+    k_cache.flags.writeable = False
+    _raises(
+        TypeError,
+        r"k_cache: is written in place, but this numpy array is read-only",
+        cuattn.attention_with_kvcache,
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        k_new,
+        np.array([1, 2], np.int32),
+    )
+
+
+def test_kvcache_refuses_jax_caches(cache):
+    jnp = pytest.importorskip("jax.numpy")
+    q, k_cache, v_cache, k_new = (jnp.asarray(a) for a in cache)
+    _raises(
+        TypeError,
+        r"k_cache: is written in place, but this jax array is read-only",
+        cuattn.attention_with_kvcache,
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        k_new,
+        jnp.asarray(np.array([1, 2], np.int32)),
+    )

@@ -1,0 +1,113 @@
+"""attention_with_kvcache(): in-place append, then attention over each sequence's length."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuattn
+
+from .helpers import (
+    DTYPES,
+    assert_close,
+    backend_params,
+    random_array,
+    skip_if_unavailable,
+    to_backend,
+    to_host,
+)
+from .oracle import attention_oracle, kvcache_oracle
+
+KVCACHE_CASES = [
+    # (id, batch, capacity, seqlen_q, new_tokens, heads_q, heads_kv, head_dim, lengths, options)
+    ("decode", 3, 700, 1, 1, 8, 2, 64, [0, 313, 698], dict(causal=True)),
+    ("chunked-prefill", 2, 600, 37, 37, 4, 4, 64, [5, 400], dict(causal=True)),
+    ("speculative", 2, 300, 4, 4, 4, 1, 128, [256, 17], dict(causal=True, window=(63, 0))),
+    ("no-append", 2, 280, 3, 0, 4, 2, 32, [280, 70], dict(causal=True)),
+    ("sinks-window", 1, 900, 1, 1, 2, 2, 64, [850], dict(window=(127, 0), sink_tokens=4)),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", KVCACHE_CASES, ids=[c[0] for c in KVCACHE_CASES])
+def test_kvcache_matches_oracle(rng, backend, dtype, case):
+    _, batch, capacity, seqlen_q, new, heads_q, heads_kv, head_dim, lengths, options = case
+    skip_if_unavailable(backend)
+    q = random_array(rng, (batch, seqlen_q, heads_q, head_dim), dtype)
+    k_cache = random_array(rng, (batch, capacity, heads_kv, head_dim), dtype)
+    v_cache = random_array(rng, (batch, capacity, heads_kv, head_dim), dtype)
+    k_new = random_array(rng, (batch, new, heads_kv, head_dim), dtype) if new else None
+    v_new = random_array(rng, (batch, new, heads_kv, head_dim), dtype) if new else None
+    lengths = np.array(lengths, np.int32)
+    expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, **options)
+    caches = [to_backend(k_cache, backend), to_backend(v_cache, backend)]
+    out, lse = cuattn.attention_with_kvcache(
+        to_backend(q, backend),
+        *caches,
+        to_backend(k_new, backend),
+        to_backend(v_new, backend),
+        to_backend(lengths, backend),
+        return_lse=True,
+        backend=backend,
+        **options,
+    )
+    assert_close(to_host(out), expected[0], dtype)
+    assert_close(to_host(lse), expected[1], dtype, what="lse")
+    # The cache now holds the new tokens, and nothing else in it changed.
+    np.testing.assert_array_equal(to_host(caches[0]), expected[2])
+    np.testing.assert_array_equal(to_host(caches[1]), expected[3])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_overflow_is_refused_before_anything_is_written(rng, backend):
+    skip_if_unavailable(backend)
+    q = random_array(rng, (2, 1, 2, 32), np.float32)
+    k_cache = random_array(rng, (2, 64, 2, 32), np.float32)
+    v_cache = random_array(rng, (2, 64, 2, 32), np.float32)
+    k_new = random_array(rng, (2, 3, 2, 32), np.float32)
+    before = (k_cache.copy(), v_cache.copy())
+    caches = [to_backend(k_cache, backend), to_backend(v_cache, backend)]
+    with pytest.raises(ValueError, match="cache_seqlens: sequence 1 holds 62 tokens"):
+        cuattn.attention_with_kvcache(
+            to_backend(q, backend),
+            *caches,
+            to_backend(k_new, backend),
+            to_backend(k_new, backend),
+            to_backend(np.array([3, 62], np.int32), backend),
+            backend=backend,
+        )
+    np.testing.assert_array_equal(to_host(caches[0]), before[0])
+    np.testing.assert_array_equal(to_host(caches[1]), before[1])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_cache_equals_plain_attention_over_the_filled_prefix(rng, backend):
+    """The package checks itself: decode over a cache == attention over what it holds."""
+    skip_if_unavailable(backend)
+    q = random_array(rng, (1, 5, 4, 64), np.float32)
+    k_cache = random_array(rng, (1, 500, 2, 64), np.float32)
+    v_cache = random_array(rng, (1, 500, 2, 64), np.float32)
+    length = 333
+    from_cache = to_host(
+        cuattn.attention_with_kvcache(
+            to_backend(q, backend),
+            to_backend(k_cache, backend),
+            to_backend(v_cache, backend),
+            cache_seqlens=length,
+            causal=True,
+            backend=backend,
+        )
+    )
+    plain = to_host(
+        cuattn.attention(
+            to_backend(q, backend),
+            to_backend(k_cache[:, :length], backend),
+            to_backend(v_cache[:, :length], backend),
+            causal=True,
+            backend=backend,
+        )
+    )
+    np.testing.assert_array_equal(from_cache, plain)
+    expected, _ = attention_oracle(q, k_cache[:, :length], v_cache[:, :length], causal=True)
+    assert_close(from_cache, expected, np.float32)

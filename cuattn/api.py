@@ -184,7 +184,9 @@ def attention_varlen(
         raw["v"],
         raw["q"].shape,
         (spec.num_heads_q, raw["q"].shape[0]),
-        varlen_sequences(cu_q, cu_k),
+        varlen_sequences(
+            cu_q, cu_k, {name: raw[name] for name in ("cu_seqlens_q", "cu_seqlens_k")}
+        ),
     )
 
 
@@ -264,6 +266,8 @@ def attention_with_kvcache(
         raw["v_cache"],
         raw["q"].shape,
         (spec.batch, spec.num_heads_q, spec.seqlen_q),
-        kvcache_sequences(seqlens, spec.seqlen_q, new_tokens),
+        kvcache_sequences(
+            seqlens, spec.seqlen_q, new_tokens, {"cache_seqlens": raw["cache_seqlens"]}
+        ),
         engine,
     )

@@ -8,7 +8,7 @@ it needs. A backend receives an :class:`AttentionSpec` and may trust it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -373,12 +373,14 @@ class Sequences:
     row, key count (columns named in backends/cpu/flash.py). Padded batches, packed
     (varlen) batches and KV caches are all this table over 4-D (batch, seqlen, heads,
     head_dim) arrays; a packed batch is one batch entry. ``kind`` tells a GPU backend
-    which device-side lengths to read instead: "batched", "varlen" or "kvcache".
+    which lengths kernels read on the device: "batched", "varlen" or "kvcache", with
+    ``lengths`` holding those arrays (cu_seqlens_q and cu_seqlens_k, or cache_seqlens).
     """
 
     kind: str
     table: np.ndarray
     new_tokens: int = 0
+    lengths: dict = field(default_factory=dict)
 
     @property
     def max_query_len(self) -> int:
@@ -393,7 +395,9 @@ def batched_sequences(batch: int, seqlen_q: int, seqlen_k: int) -> Sequences:
     return Sequences("batched", table)
 
 
-def varlen_sequences(cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray) -> Sequences:
+def varlen_sequences(
+    cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray, lengths: dict | None = None
+) -> Sequences:
     cu_q = cu_seqlens_q.astype(np.int64)
     cu_k = cu_seqlens_k.astype(np.int64)
     table = np.zeros((len(cu_q) - 1, 5), np.int64)
@@ -401,14 +405,16 @@ def varlen_sequences(cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray) -> Sequ
     table[:, 2] = np.diff(cu_q)
     table[:, 3] = cu_k[:-1]
     table[:, 4] = np.diff(cu_k)
-    return Sequences("varlen", table)
+    return Sequences("varlen", table, lengths=lengths or {})
 
 
-def kvcache_sequences(cache_seqlens: np.ndarray, seqlen_q: int, new_tokens: int) -> Sequences:
+def kvcache_sequences(
+    cache_seqlens: np.ndarray, seqlen_q: int, new_tokens: int, lengths: dict | None = None
+) -> Sequences:
     """Each sequence attends over its cached tokens plus the ``new_tokens`` appended."""
     batch = len(cache_seqlens)
     table = np.zeros((batch, 5), np.int64)
     table[:, 0] = np.arange(batch)
     table[:, 2] = seqlen_q
     table[:, 4] = cache_seqlens.astype(np.int64) + new_tokens
-    return Sequences("kvcache", table, new_tokens)
+    return Sequences("kvcache", table, new_tokens, lengths or {})

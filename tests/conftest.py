@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -43,3 +44,32 @@ def pytest_collection_modifyitems(config, items):
                 reason = _gpu_reason() or ""
             if reason:
                 item.add_marker(pytest.mark.skip(reason=f"GPU test: {reason}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def emulate_under_sanitizer():
+    """The emulated kernels run under AddressSanitizer in the test suite (set
+    CUATTN_EMULATE_SANITIZE=0 to run them in-process instead, e.g. to debug one)."""
+    from cuattn import backends
+
+    if (
+        backends.unavailable_reason("emulate") is None
+        and os.environ.get("CUATTN_EMULATE_SANITIZE") != "0"
+    ):
+        backends.get("emulate").configure(sanitize=True)
+    yield
+
+
+@pytest.fixture
+def emulate_options():
+    """Changes the emulation backend's options for one test: emulate_options(schedule=...)."""
+    from cuattn import backends
+
+    backend = backends.get("emulate")
+    saved = backend.options
+
+    def change(**options):
+        backend.configure(**options)
+
+    yield change
+    backend.options = saved

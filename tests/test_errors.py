@@ -137,7 +137,16 @@ def test_attention_refuses_bad_arrays(arrays, change, error, pattern):
             TypeError,
             r"sinks: dtype must be float32, got float16",
         ),
-        (dict(backend="tpu"), ValueError, r"backend: expected 'auto', 'cpu'.*; got 'tpu'"),
+        (
+            dict(backend="tpu"),
+            ValueError,
+            r"backend: expected 'auto', 'cpu', 'cuda', 'emulate'; got 'tpu'",
+        ),
+        (
+            dict(backend="cuda"),
+            ValueError,
+            r"backend: 'cuda' computes on GPU .* but the arrays are on cpu",
+        ),
     ],
     ids=[
         "window-left",
@@ -151,6 +160,7 @@ def test_attention_refuses_bad_arrays(arrays, change, error, pattern):
         "sinks-shape",
         "sinks-dtype",
         "backend-name",
+        "backend-device",
     ],
 )
 def test_attention_refuses_bad_options(arrays, options, error, pattern):

@@ -1,7 +1,8 @@
 """Backends, and how a call picks one.
 
 ``"auto"`` follows the data: CUDA for arrays on a GPU, the numba CPU backend for host
-arrays. A backend that is asked for but cannot run says why.
+arrays. ``"emulate"`` runs the CUDA kernels' own source on the CPU (host arrays). A backend
+that is asked for but cannot run says why.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import importlib
 
 from ..dlpack import Device
 
-BACKENDS = ("cpu",)
+BACKENDS = ("cpu", "cuda", "emulate")
 
 # Module and class of each backend, imported on first use so that a missing optional
 # dependency (CuPy, a C++ compiler) only matters to the backend that needs it.
 _WHERE = {
     "cpu": ("cuattn.backends.cpu", "CpuBackend"),
+    "cuda": ("cuattn.backends.cuda", "CudaBackend"),
+    "emulate": ("cuattn.backends.emulate", "EmulateBackend"),
 }
 _instances: dict[str, object] = {}
 
@@ -38,8 +41,6 @@ def get(name: str):
 
 def unavailable_reason(name: str) -> str | None:
     """None if backend ``name`` can run here, else why not."""
-    if name not in _WHERE:
-        return f"this version of cuattn has no {name!r} backend"
     try:
         return get(name).unavailable_reason()
     except BackendUnavailable as error:
@@ -50,15 +51,9 @@ def select(name: str, device: Device):
     """The backend for a call whose arrays live on ``device``."""
     if name == "auto":
         name = "cuda" if device.kind == "cuda" else "cpu"
-        if name not in _WHERE:
-            raise BackendUnavailable(
-                f"arrays on {device} need the CUDA backend, which this "
-                "version of cuattn does not have yet"
-            )
     if name not in _WHERE:
-        raise ValueError(
-            f"backend: expected 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}"
-        )
+        choices = ", ".join(map(repr, BACKENDS))
+        raise ValueError(f"backend: expected 'auto', {choices}; got {name!r}")
     wants_device = "cuda" if name == "cuda" else "cpu"
     if device.kind != wants_device:
         where = (

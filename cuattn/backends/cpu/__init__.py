@@ -12,6 +12,7 @@ from threadpoolctl import ThreadpoolController
 
 from ...dlpack import RawArray
 from ...spec import AttentionSpec, Sequences
+from .. import host
 from .bits import dtype_code, word_dtype
 from .flash import attention_forward
 
@@ -112,8 +113,4 @@ class CpuBackend:
         cache_seqlens: np.ndarray,
         stream: int | None = None,
     ) -> None:
-        """Write k_new / v_new at each sequence's length (bounds were checked by the spec)."""
-        new_tokens = k_new.shape[1]
-        for cache, new in ((k_cache.numpy(), k_new.numpy()), (v_cache.numpy(), v_new.numpy())):
-            for b, length in enumerate(cache_seqlens):
-                cache[b, length : length + new_tokens] = new[b]
+        host.append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)

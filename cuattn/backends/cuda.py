@@ -1,0 +1,168 @@
+"""The CUDA backend: kernels/ compiled by NVRTC, loaded through cupy.RawModule.
+
+Compile once, cache twice: each instantiation is compiled on first use for the device's
+architecture, the cubin kept on disk (cuattn/cache.py) with its mangled names, and the
+loaded module kept per device in this process. Launches go to the caller's stream.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+import numpy as np
+
+from .. import nvrtc
+from ..cache import cached_file, digest
+from ..dlpack import RawArray
+from ..interop import as_cupy
+from ..kernel_params import attention_params
+from ..kernels import ForwardKernel, forward_kernel, kernel_dir
+from ..spec import AttentionSpec, Sequences
+
+# Dynamic shared memory past this needs the kernel's opt-in attribute.
+_DEFAULT_SHARED_LIMIT = 48 * 1024
+# CUDA's grid limits on y and z.
+_MAX_GRID_YZ = 65535
+
+
+def _cupy():
+    return importlib.import_module("cupy")
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self):
+        self._functions: dict[tuple[str, int], object] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        try:
+            cupy = _cupy()
+        except ImportError:
+            return "CuPy is not installed (pip install 'cuattn[cuda13]' or 'cuattn[cuda12]')"
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                return "no CUDA device is visible"
+        except Exception as error:  # the driver's own exception types
+            return f"no usable CUDA device ({error})"
+        try:
+            nvrtc.library()
+        except nvrtc.NvrtcError as error:
+            return str(error)
+        return None
+
+    def describe(self) -> str:
+        cupy = _cupy()
+        device = cupy.cuda.Device()
+        name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
+        major, minor = nvrtc.version()
+        return (
+            f"{name} (sm_{device.compute_capability}), CuPy {cupy.__version__}, "
+            f"NVRTC {major}.{minor}"
+        )
+
+    @staticmethod
+    def _compiled(kernel: ForwardKernel, arch: str) -> tuple[str, str]:
+        """(cubin path, mangled kernel name), compiled on a miss of the disk cache."""
+        sources = [p.read_bytes() for p in sorted(kernel_dir().glob("*.cu*"))]
+        stem = digest(
+            [kernel.expression, arch, *nvrtc.BASE_OPTIONS, repr(nvrtc.version()), *sources]
+        )
+
+        def compile_to(path):
+            program = nvrtc.compile_program(kernel.source, [kernel.expression], arch)
+            # The name first: a cubin in the cache always has its name beside it.
+            cached_file(
+                "cuda",
+                f"{stem}.name",
+                lambda p: p.write_text(program.lowered_names[kernel.expression]),
+            )
+            path.write_bytes(program.binary)
+
+        cubin = cached_file("cuda", f"{stem}.cubin", compile_to)
+        return str(cubin), cubin.with_suffix(".name").read_text()
+
+    def _function(self, kernel: ForwardKernel, device_id: int):
+        """The loaded kernel for ``device_id``: compiled or read from disk once per process."""
+        key = (kernel.name, device_id)
+        with self._lock:
+            if key not in self._functions:
+                cupy = _cupy()
+                with cupy.cuda.Device(device_id) as device:
+                    path, mangled = self._compiled(kernel, f"sm_{device.compute_capability}")
+                    function = cupy.RawModule(path=path).get_function(mangled)
+                    if kernel.shared_bytes > _DEFAULT_SHARED_LIMIT:
+                        function.max_dynamic_shared_size_bytes = kernel.shared_bytes
+                self._functions[key] = function
+            return self._functions[key]
+
+    def forward(
+        self,
+        spec: AttentionSpec,
+        q: RawArray,
+        k: RawArray,
+        v: RawArray,
+        out: RawArray,
+        lse: RawArray | None,
+        sinks: RawArray | None,
+        sequences: Sequences,
+        stream: int | None = None,
+    ) -> None:
+        cupy = _cupy()
+        kernel = forward_kernel(spec)
+        grid = kernel.grid(sequences.max_query_len, spec.num_heads_q, len(sequences.table))
+        if grid[1] > _MAX_GRID_YZ or grid[2] > _MAX_GRID_YZ:
+            raise ValueError(
+                f"q: {spec.num_heads_q} heads x {len(sequences.table)} sequences exceed the "
+                f"GPU grid's limit of {_MAX_GRID_YZ} in each"
+            )
+        device_id = q.device.index
+        with cupy.cuda.Device(device_id):
+            keep_alive = []
+            lengths = {}
+            for name, raw in sequences.lengths.items():
+                if raw.device.kind == "cpu":  # lengths given as an int or a host array
+                    on_device = cupy.asarray(raw.numpy())
+                    keep_alive.append(on_device)
+                    raw = RawArray(
+                        on_device.data.ptr,
+                        raw.shape,
+                        raw.strides,
+                        raw.dtype,
+                        q.device,
+                        True,
+                        on_device,
+                    )
+                lengths[name] = raw
+            sequences = Sequences(sequences.kind, sequences.table, sequences.new_tokens, lengths)
+            params = attention_params(spec, q, k, v, out, lse, sinks, sequences)
+            function = self._function(kernel, device_id)
+            function(
+                grid,
+                (kernel.threads, 1, 1),
+                (params,),
+                shared_mem=kernel.shared_bytes,
+                stream=cupy.cuda.ExternalStream(stream),
+            )
+
+    def append_kv(
+        self,
+        k_cache: RawArray,
+        v_cache: RawArray,
+        k_new: RawArray,
+        v_new: RawArray,
+        cache_seqlens: np.ndarray,
+        stream: int | None = None,
+    ) -> None:
+        cupy = _cupy()
+        with cupy.cuda.Device(k_cache.device.index), cupy.cuda.ExternalStream(stream):
+            new_tokens = k_new.shape[1]
+            for cache, new in (
+                (as_cupy(k_cache), as_cupy(k_new)),
+                (as_cupy(v_cache), as_cupy(v_new)),
+            ):
+                for b, length in enumerate(cache_seqlens):
+                    cache[b, int(length) : int(length) + new_tokens] = new[b]

@@ -1,0 +1,395 @@
+"""The emulation backend: kernels/'s CUDA sources compiled by g++ and run on the CPU.
+
+The same .cu files NVRTC compiles for the GPU are built against kernels/emu (see
+emu/cuda.h for what it emulates) into a shared library per group of instantiations,
+cached on disk, and called through ctypes. In sanitizer mode the library is instead an
+AddressSanitizer-built server process (emu/server.cpp) that receives each launch with
+every array copied into a buffer of exactly its size.
+
+Options, from the environment or ``configure()``:
+  CUATTN_EMULATE_SANITIZE=1          run under AddressSanitizer
+  CUATTN_EMULATE_SCHEDULE=forward|reverse|shuffled   thread order between barriers
+  CUATTN_EMULATE_WORKERS=N           OS threads running blocks (default: one per core)
+  CUATTN_EMULATE_TIME_LIMIT=seconds  a launch running longer fails (default 600)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..cache import cached_file, digest
+from ..dlpack import RawArray
+from ..kernel_params import attention_params
+from ..kernels import forward_kernel, kernel_dir
+from ..spec import AttentionSpec, Sequences
+from . import host
+
+SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
+
+
+class EmulationFault(RuntimeError):
+    """An emulated kernel faulted: the message says where (file:line) and why."""
+
+
+@dataclasses.dataclass
+class EmulationOptions:
+    schedule: str = "forward"
+    seed: int = 0
+    workers: int = 0
+    time_limit: float = 600.0
+    sanitize: bool = False
+    # Build from another copy of kernels/ (a kernel being debugged, or a test's planted bug).
+    kernel_dir: Path | None = None
+
+    @classmethod
+    def from_environment(cls) -> EmulationOptions:
+        env = os.environ
+        return cls(
+            schedule=env.get("CUATTN_EMULATE_SCHEDULE", "forward"),
+            seed=int(env.get("CUATTN_EMULATE_SEED", "0")),
+            workers=int(env.get("CUATTN_EMULATE_WORKERS", "0")),
+            time_limit=float(env.get("CUATTN_EMULATE_TIME_LIMIT", "600")),
+            sanitize=env.get("CUATTN_EMULATE_SANITIZE", "") not in ("", "0"),
+            kernel_dir=Path(env["CUATTN_EMULATE_KERNEL_DIR"])
+            if env.get("CUATTN_EMULATE_KERNEL_DIR")
+            else None,
+        )
+
+
+class _LaunchOptions(ctypes.Structure):
+    """emu/runtime.h's LaunchOptions."""
+
+    _fields_ = [
+        ("schedule", ctypes.c_int),
+        ("seed", ctypes.c_uint),
+        ("workers", ctypes.c_int),
+        ("time_limit_seconds", ctypes.c_double),
+        ("stack_bytes", ctypes.c_size_t),
+    ]
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+
+
+def _sources(root: Path) -> list[bytes]:
+    """Every file a library is built from, so that an edit makes a new cache entry."""
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+    return [str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() for p in files]
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryKernel:
+    """One launchable entry of an emulation library."""
+
+    name: str  # how launches ask for it
+    expression: str  # the C++ instantiation, e.g. cuattn::flash_forward<...>
+    params_type: str = "cuattn::AttentionParams"  # the struct the kernel takes by value
+
+
+def library_source(sources: tuple[str, ...], kernels: tuple[LibraryKernel, ...]) -> str:
+    """The translation unit of one library: runtime, kernel sources, launcher table."""
+    table = ",\n".join(
+        f'    {{"{k.name}", &cuemu_module::launch_kernel<{k.params_type}, &{k.expression}>}}'
+        for k in kernels
+    )
+    return "\n".join(
+        [
+            "// Written by cuattn/backends/emulate.py.",
+            '#include "emu/module.h"',
+            *[f'#include "{s}"' for s in sources],
+            f"CUEMU_MODULE_TABLE(\n{table}\n)",
+            "#ifdef CUEMU_SERVER",
+            '#include "emu/server.cpp"',
+            "#endif",
+            "",
+        ]
+    )
+
+
+_FLAGS = ["-std=c++20", "-g", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function"]
+_LIBRARY_FLAGS = ["-O2", "-fPIC", "-shared"]
+_SERVER_FLAGS = ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer", "-DCUEMU_SERVER"]
+
+
+def build(
+    root: Path, sources: tuple[str, ...], kernels: tuple[LibraryKernel, ...], sanitize: bool
+) -> Path:
+    """The library (or sanitizer server) of ``kernels`` from ``sources`` under ``root``,
+    compiled once and then taken from the cache."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("the emulation backend needs a C++ compiler (g++); none was found")
+    source = library_source(sources, kernels)
+    flags = _FLAGS + (_SERVER_FLAGS if sanitize else _LIBRARY_FLAGS)
+    listed = [(root / s).read_bytes() for s in sources]  # sources may also lie outside root
+    key = digest([source, " ".join(flags), _compiler_version(cxx), *_sources(root), *listed])
+    name = f"{key}.{'server' if sanitize else 'so'}"
+
+    def compile_to(output: Path) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".cpp", delete=False) as handle:
+            handle.write(source)
+        try:
+            done = subprocess.run(
+                [cxx, *flags, "-I", str(root), handle.name, "-o", str(output)],
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            os.unlink(handle.name)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling the emulated kernels failed:\n{done.stderr[-20000:]}")
+
+    return cached_file("emulate", name, compile_to)
+
+
+def _extent(raw: RawArray) -> tuple[int, int]:
+    """(first byte address, byte count) of the memory ``raw`` can reach."""
+    if raw.size == 0:
+        return raw.ptr, 0
+    low = sum(min(0, (n - 1) * s) for n, s in zip(raw.shape, raw.strides, strict=True))
+    high = sum(max(0, (n - 1) * s) for n, s in zip(raw.shape, raw.strides, strict=True))
+    itemsize = raw.dtype.itemsize
+    return raw.ptr + low * itemsize, (high - low + 1) * itemsize
+
+
+class _Library:
+    def __init__(self, path: Path):
+        self._library = ctypes.CDLL(str(path))
+        self._launch = self._library.cuattn_launch
+        self._launch.restype = ctypes.c_int
+        self._launch.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.POINTER(_LaunchOptions),
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+
+    def launch(
+        self,
+        name: str,
+        params: np.ndarray,
+        dims,
+        options: _LaunchOptions,
+        arrays: dict[str, RawArray],
+        writable: set[str],
+    ) -> None:
+        error = ctypes.create_string_buffer(8192)
+        status = self._launch(
+            name.encode(),
+            params.ctypes.data,
+            (ctypes.c_uint * 7)(*dims),
+            ctypes.byref(options),
+            error,
+            len(error),
+        )
+        if status != 0:
+            raise EmulationFault(error.value.decode(errors="replace"))
+
+
+class _Server:
+    """An AddressSanitizer-built server process (emu/server.cpp) and its protocol."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._process = None
+        self._stderr = None
+
+    def _start(self):
+        self._stderr = tempfile.TemporaryFile()
+        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1")
+        self._process = subprocess.Popen(
+            [str(self._path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+        )
+
+    def launch(
+        self,
+        name: str,
+        params: np.ndarray,
+        dims,
+        options: _LaunchOptions,
+        arrays: dict[str, RawArray],
+        writable: set[str],
+    ) -> None:
+        if self._process is None or self._process.poll() is not None:
+            self._start()
+        buffers = []
+        request = [
+            struct.pack("<I", len(name)),
+            name.encode(),
+            struct.pack("<7I", *dims),
+            bytes(options),
+            struct.pack("<I", params.nbytes),
+            params.tobytes(),
+            struct.pack("<I", len(arrays)),
+        ]
+        for field, raw in arrays.items():
+            start, size = _extent(raw)
+            offset = params.dtype.fields[field][1]
+            request.append(
+                struct.pack("<QBIIQ", size, field in writable, 1, offset, raw.ptr - start)
+            )
+            request.append(ctypes.string_at(start, size) if size else b"")
+            buffers.append((field, start, size))
+        try:
+            self._process.stdin.write(b"".join(request))
+            self._process.stdin.flush()
+            status, error_length = struct.unpack("<II", self._read(8))
+            error = self._read(error_length).decode(errors="replace")
+            for field, start, size in buffers:
+                if field in writable:
+                    ctypes.memmove(start, self._read(size), size)
+        except (BrokenPipeError, EOFError) as broken:
+            self._process.wait()
+            self._stderr.seek(0)
+            report = self._stderr.read().decode(errors="replace")
+            self._process = None
+            raise EmulationFault(f"the sanitizer server stopped:\n{report[-20000:]}") from broken
+        if status != 0:
+            raise EmulationFault(error)
+
+    def _read(self, size: int) -> bytes:
+        data = self._process.stdout.read(size)
+        if len(data) != size:
+            raise EOFError
+        return data
+
+    def close(self):
+        if self._process is not None and self._process.poll() is None:
+            self._process.stdin.close()
+            self._process.wait()
+
+
+class EmulateBackend:
+    name = "emulate"
+
+    def __init__(self):
+        self.options = EmulationOptions.from_environment()
+        self._loaded: dict[Path, object] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        if compiler() is None:
+            return "no C++ compiler found (install g++, or set CXX)"
+        return None
+
+    def describe(self) -> str:
+        mode = "AddressSanitizer" if self.options.sanitize else "plain"
+        return f"{compiler()} ({mode}, schedule {self.options.schedule})"
+
+    def configure(self, **changes) -> EmulationOptions:
+        """Change options (see the module docstring); returns the previous ones."""
+        previous = self.options
+        self.options = dataclasses.replace(previous, **changes)
+        if self.options.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule: expected one of {sorted(SCHEDULES)}, got {self.options.schedule!r}"
+            )
+        return previous
+
+    def run_kernel(
+        self,
+        sources: tuple[str, ...],
+        kernels: tuple[LibraryKernel, ...],
+        name: str,
+        params: np.ndarray,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        shared_bytes: int,
+        arrays: dict[str, RawArray],
+        writable: set[str],
+    ) -> None:
+        """Launch kernel ``name`` of the library made of ``kernels``. ``params`` is the
+        struct the kernel takes; ``arrays`` maps its pointer fields to the memory they
+        point into (the sanitizer server copies exactly that memory), ``writable`` names
+        those the kernel writes."""
+        root = self.options.kernel_dir or kernel_dir()
+        path = build(Path(root), sources, kernels, self.options.sanitize)
+        options = _LaunchOptions(
+            SCHEDULES[self.options.schedule],
+            self.options.seed,
+            self.options.workers,
+            self.options.time_limit,
+            0,
+        )
+        with self._lock:
+            if path not in self._loaded:
+                self._loaded[path] = _Server(path) if self.options.sanitize else _Library(path)
+            self._loaded[path].launch(
+                name, params, (*grid, *block, shared_bytes), options, arrays, writable
+            )
+
+    def forward(
+        self,
+        spec: AttentionSpec,
+        q: RawArray,
+        k: RawArray,
+        v: RawArray,
+        out: RawArray,
+        lse: RawArray | None,
+        sinks: RawArray | None,
+        sequences: Sequences,
+        stream: int | None = None,
+    ) -> None:
+        kernel = forward_kernel(spec)
+        # One library per (dtype, head dim): its mask/softcap variants compile together.
+        group = tuple(
+            LibraryKernel(k.name, k.expression)
+            for k in (
+                dataclasses.replace(kernel, windowed=w, softcap=s)
+                for w in (False, True)
+                for s in (False, True)
+            )
+        )
+        arrays = {
+            "q": q,
+            "k": k,
+            "v": v,
+            "out": out,
+            "lse": lse,
+            "sinks": sinks,
+            **sequences.lengths,
+        }
+        self.run_kernel(
+            (kernel.source,),
+            group,
+            kernel.name,
+            attention_params(spec, q, k, v, out, lse, sinks, sequences),
+            kernel.grid(sequences.max_query_len, spec.num_heads_q, len(sequences.table)),
+            (kernel.threads, 1, 1),
+            kernel.shared_bytes,
+            {name: raw for name, raw in arrays.items() if raw is not None},
+            {"out", "lse"},
+        )
+
+    def append_kv(
+        self,
+        k_cache: RawArray,
+        v_cache: RawArray,
+        k_new: RawArray,
+        v_new: RawArray,
+        cache_seqlens: np.ndarray,
+        stream: int | None = None,
+    ) -> None:
+        host.append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)

@@ -1,0 +1,106 @@
+"""kernels/params.cuh's AttentionParams, built byte for byte from Python.
+
+The same bytes go to ``cupy.RawKernel`` (a structured NumPy scalar is passed by value)
+and to the emulated kernels (through ctypes or the sanitizer server).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .dlpack import RawArray
+from .spec import AttentionSpec, Sequences
+
+LOG2E = 1.0 / math.log(2.0)
+
+# Field order and C types of struct AttentionParams, in params.cuh's order.
+_POINTERS = ("q", "k", "v", "out", "lse", "sinks", "cu_seqlens_q", "cu_seqlens_k", "cache_seqlens")
+_INT64S = (
+    "q_batch_stride", "q_row_stride", "q_head_stride",
+    "k_batch_stride", "k_row_stride", "k_head_stride",
+    "v_batch_stride", "v_row_stride", "v_head_stride",
+    "out_batch_stride", "out_row_stride", "out_head_stride",
+    "lse_batch_stride", "lse_head_stride",
+    "batch", "seqlen_q", "seqlen_k", "num_heads_q", "num_heads_kv", "head_dim",
+    "new_tokens", "window_left", "window_right", "sink_tokens", "vector_loads",
+)  # fmt: skip
+_FLOATS = ("score_scale", "softcap_log2")
+FIELDS = (
+    [(name, np.uint64) for name in _POINTERS]
+    + [(name, np.int64) for name in _INT64S]
+    + [(name, np.float32) for name in _FLOATS]
+)
+POINTER_FIELDS = _POINTERS
+
+
+def _layout(fields) -> np.dtype:
+    """The C layout of ``fields``: each at the next multiple of its size, the whole padded
+    to the largest alignment."""
+    offsets, offset, largest = [], 0, 1
+    for _, ctype in fields:
+        size = np.dtype(ctype).itemsize
+        offset = -(-offset // size) * size
+        offsets.append(offset)
+        offset += size
+        largest = max(largest, size)
+    return np.dtype(
+        {
+            "names": [name for name, _ in fields],
+            "formats": [ctype for _, ctype in fields],
+            "offsets": offsets,
+            "itemsize": -(-offset // largest) * largest,
+        }
+    )
+
+
+PARAMS_DTYPE = _layout(FIELDS)
+
+
+def _aligned_16(raw: RawArray) -> bool:
+    """Whether every row of every head starts on a 16-byte boundary."""
+    itemsize = raw.dtype.itemsize
+    strides = raw.strides[:-1]
+    return raw.ptr % 16 == 0 and all((s * itemsize) % 16 == 0 for s in strides)
+
+
+def attention_params(
+    spec: AttentionSpec,
+    q: RawArray,
+    k: RawArray,
+    v: RawArray,
+    out: RawArray,
+    lse: RawArray | None,
+    sinks: RawArray | None,
+    sequences: Sequences,
+) -> np.ndarray:
+    """The kernel argument for one call. q, k, v, out are 4-D (batch, seqlen, heads, dim);
+    lse is (batch, heads, seqlen); the kernel reads the lengths in ``sequences.lengths``
+    (they must live where the kernel runs)."""
+    params = np.zeros(1, PARAMS_DTYPE)
+    p = params[0]
+    for name, raw in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("sinks", sinks)):
+        p[name] = raw.ptr if raw is not None else 0
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "cache_seqlens"):
+        p[name] = sequences.lengths[name].ptr if name in sequences.lengths else 0
+    for prefix, raw in (("q", q), ("k", k), ("v", v), ("out", out)):
+        p[f"{prefix}_batch_stride"], p[f"{prefix}_row_stride"], p[f"{prefix}_head_stride"] = (
+            raw.strides[:3]
+        )
+    if lse is not None:
+        p["lse_batch_stride"], p["lse_head_stride"] = lse.strides[:2]
+    p["batch"] = len(sequences.table)
+    p["seqlen_q"], p["seqlen_k"] = q.shape[1], k.shape[1]
+    p["num_heads_q"], p["num_heads_kv"] = spec.num_heads_q, spec.num_heads_kv
+    p["head_dim"] = spec.head_dim
+    p["new_tokens"] = sequences.new_tokens
+    p["window_left"], p["window_right"] = spec.window_left, spec.window_right
+    p["sink_tokens"] = spec.sink_tokens
+    p["vector_loads"] = int(all(_aligned_16(raw) for raw in (q, k, v)))
+    if spec.softcap > 0:
+        p["score_scale"] = spec.scale / spec.softcap
+        p["softcap_log2"] = spec.softcap * LOG2E
+    else:
+        p["score_scale"] = spec.scale * LOG2E
+    return params

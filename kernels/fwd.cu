@@ -1,0 +1,357 @@
+// Forward attention: one block computes BLOCK_M query rows of one head, streaming the keys
+// and values tile by tile (FlashAttention-2). Nothing of size seqlen_q x seqlen_k is ever
+// written: scores live in registers, each tile's probabilities go straight into P @ V.
+//
+// Two kernels share the mask, the online softmax and the tile loads:
+//   flash_forward       float16 / bfloat16 on tensor cores (mma.sync m16n8k16, ldmatrix,
+//                       cp.async), float32 accumulation;
+//   flash_forward_simt  float32 on the CUDA cores, every product in float32.
+// The instantiations that exist are listed in cuattn/kernels.py, with their tile sizes.
+#include "mask.cuh"
+#include "softmax.cuh"
+#include "tile.cuh"
+
+namespace cuattn {
+
+// Scores of one tile as the softmax sees them: `dot` scaled into base 2, soft-capped if
+// asked (Gemma 2: softcap * tanh(s / softcap), in natural units, before any mask).
+template <bool SOFTCAP>
+__device__ __forceinline__ float base2_score(float dot, const AttentionParams& p) {
+    const float s = dot * p.score_scale;
+    return SOFTCAP ? p.softcap_log2 * tanhf(s) : s;
+}
+
+template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS>
+struct ForwardLayout {
+    static constexpr int kThreads = WARPS * kWarpSize;
+    static constexpr int kRowsPerWarp = BLOCK_M / WARPS;
+    static constexpr int kRowTiles = kRowsPerWarp / 16;  // m16 tiles per warp
+    static constexpr int kRows = 2 * kRowTiles;           // query rows per lane
+    static constexpr int kKeyColumns = BLOCK_N / 4;       // score columns per lane
+    static constexpr int kDimColumns = HEAD_DIM / 4;      // output columns per lane
+    using QTile = SharedTile<Element, BLOCK_M, HEAD_DIM>;
+    using KVTile = SharedTile<Element, BLOCK_N, HEAD_DIM>;
+    static constexpr int kSharedBytes = QTile::kBytes + 2 * KVTile::kBytes;
+    static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles of rows");
+    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dims");
+};
+
+// Row and column of a lane's accumulator values in the mma C layout, as (row, column)
+// pairs of this lane's "row view": value (r, c) is query row warp_row + (r / 2) * 16 +
+// lane / 4 + 8 (r % 2), and column (c / 2) * 8 + 2 (lane % 4) + c % 2.
+__device__ __forceinline__ int lane_row(int warp_row, int r) {
+    return warp_row + (r / 2) * 16 + int(threadIdx.x % 32) / 4 + 8 * (r % 2);
+}
+__device__ __forceinline__ int lane_column(int c) { return (c / 2) * 8 + 2 * (int(threadIdx.x) % 4) + c % 2; }
+
+// acc[r..r+1][c..c+3] += A(16 rows) x B(two 8-column tiles), in the row view.
+template <class Element, int ROWS, int COLS>
+__device__ __forceinline__ void mma_into(float (&acc)[ROWS][COLS], int row_tile, int column_pair,
+                                         const uint32 (&a)[4], const uint32 (&b)[4]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = 2 * row_tile, c = 4 * column_pair + 2 * half;
+        float d[4] = {acc[r][c], acc[r][c + 1], acc[r + 1][c], acc[r + 1][c + 1]};
+        const uint32 b_pair[2] = {b[2 * half], b[2 * half + 1]};
+        mma_m16n8k16<Element>(d, a, b_pair);
+        acc[r][c] = d[0];
+        acc[r][c + 1] = d[1];
+        acc[r + 1][c] = d[2];
+        acc[r + 1][c + 1] = d[3];
+    }
+}
+
+template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool WINDOWED, bool SOFTCAP>
+__global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParams params) {
+    using Layout = ForwardLayout<Element, HEAD_DIM, BLOCK_M, BLOCK_N, WARPS>;
+    using Traits = ElementTraits<Element>;
+    constexpr int kRows = Layout::kRows;
+    const SequenceInfo seq = SequenceInfo::of(params, blockIdx.z);
+    const int64 first_row = int64(blockIdx.x) * BLOCK_M;
+    if (first_row >= seq.q_len) return;  // the grid covers the longest sequence
+    const int rows = int(seq.q_len - first_row < BLOCK_M ? seq.q_len - first_row : BLOCK_M);
+    const int head = int(blockIdx.y);
+    const int kv_head = head / int(params.num_heads_q / params.num_heads_kv);
+    const int head_dim = int(params.head_dim);
+    const bool vector_loads = params.vector_loads != 0;
+
+    CUATTN_DYNAMIC_SHARED(Element, shared);
+    if (CUATTN_DYNAMIC_SHARED_SIZE() < unsigned(Layout::kSharedBytes)) __trap();
+    const typename Layout::QTile q_tile{shared};
+    const typename Layout::KVTile k_tile{shared + Layout::QTile::kBytes / sizeof(Element)};
+    const typename Layout::KVTile v_tile{k_tile.data + Layout::KVTile::kBytes / sizeof(Element)};
+
+    const Element* q = static_cast<const Element*>(params.q) + seq.batch_index * params.q_batch_stride +
+                       (seq.q_start + first_row) * params.q_row_stride + head * params.q_head_stride;
+    const Element* k = static_cast<const Element*>(params.k) + seq.batch_index * params.k_batch_stride +
+                       seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
+    const Element* v = static_cast<const Element*>(params.v) + seq.batch_index * params.v_batch_stride +
+                       seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
+
+    const Mask mask(params, seq);
+    const KeyTiles tiles = mask.tiles(first_row, first_row + rows - 1, BLOCK_N);
+
+    // Copy groups, in commit order: Q, K[0], then per tile V[t], K[t + 1] (committed even
+    // when empty, so that "all but the newest group" always means the same tile).
+    load_tile<Layout::kThreads>(q_tile, q, params.q_row_stride, rows, head_dim, vector_loads);
+    cp_async_commit();
+    if (tiles.count > 0) {
+        load_tile<Layout::kThreads>(k_tile, k + tiles.begin(0) * params.k_row_stride, params.k_row_stride,
+                                    int(tiles.end(0) - tiles.begin(0)), head_dim, vector_loads);
+    }
+    cp_async_commit();
+
+    const int warp = int(threadIdx.x) / 32;
+    const int lane = int(threadIdx.x) % 32;
+    const int warp_row = warp * Layout::kRowsPerWarp;
+    OnlineSoftmax<kRows> softmax;
+    softmax.init();
+    float out[kRows][Layout::kDimColumns];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] = 0.0f;
+
+    for (int64 t = 0; t < tiles.count; ++t) {
+        const int64 key_begin = tiles.begin(t);
+        const int keys = int(tiles.end(t) - key_begin);
+        load_tile<Layout::kThreads>(v_tile, v + key_begin * params.v_row_stride, params.v_row_stride, keys,
+                                    head_dim, vector_loads);
+        cp_async_commit();
+        cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight
+        __syncthreads();
+
+        // S = Q K^T for this warp's rows: A from Q (ldmatrix), B from K rows (ldmatrix, K
+        // row-major is exactly the "col" layout of K^T).
+        float scores[kRows][Layout::kKeyColumns];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+            for (int c = 0; c < Layout::kKeyColumns; ++c) scores[r][c] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+            if (ks * 16 >= head_dim) break;  // padded head dims are zeros on both sides
+#pragma unroll
+            for (int mt = 0; mt < Layout::kRowTiles; ++mt) {
+                uint32 a[4];
+                ldmatrix_x4<false>(a, q_tile.row(warp_row + mt * 16 + lane % 16) + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+                for (int np = 0; np < BLOCK_N / 16; ++np) {
+                    uint32 b[4];
+                    ldmatrix_x4<false>(b, k_tile.row(np * 16 + (lane / 16) * 8 + lane % 8) + ks * 16 +
+                                              ((lane / 8) % 2) * 8);
+                    mma_into<Element>(scores, mt, np, a, b);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with K[t]: it may be overwritten
+        if (t + 1 < tiles.count) {
+            const int64 next = tiles.begin(t + 1);
+            load_tile<Layout::kThreads>(k_tile, k + next * params.k_row_stride, params.k_row_stride,
+                                        int(tiles.end(t + 1) - next), head_dim, vector_loads);
+        }
+        cp_async_commit();
+
+        const bool cut = keys < BLOCK_N ||
+                         (WINDOWED && !mask.sees_all(first_row, first_row + rows - 1, key_begin, key_begin + keys));
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+            for (int c = 0; c < Layout::kKeyColumns; ++c) {
+                scores[r][c] = base2_score<SOFTCAP>(scores[r][c], params);
+                if (cut) {
+                    const int column = lane_column(c);
+                    if (column >= keys || !mask.visible(first_row + lane_row(warp_row, r), key_begin + column)) {
+                        scores[r][c] = negative_infinity();
+                    }
+                }
+            }
+        }
+        float rescale[kRows];
+        softmax.update(scores, rescale);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+            for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] *= rescale[r];
+
+        cp_async_wait<1>();  // V[t] has landed; K[t + 1] may still be in flight
+        __syncthreads();
+
+        // O += P V: P, this lane's probabilities, is already in the A layout (two adjacent
+        // 8-key column tiles of the C layout form one k16 step); V rows are keys, so the B
+        // operand comes from a transposing ldmatrix.
+#pragma unroll
+        for (int ks = 0; ks < BLOCK_N / 16; ++ks) {
+#pragma unroll
+            for (int mt = 0; mt < Layout::kRowTiles; ++mt) {
+                const int r = 2 * mt, c = 4 * ks;
+                const uint32 a[4] = {Traits::pack(scores[r][c], scores[r][c + 1]),
+                                     Traits::pack(scores[r + 1][c], scores[r + 1][c + 1]),
+                                     Traits::pack(scores[r][c + 2], scores[r][c + 3]),
+                                     Traits::pack(scores[r + 1][c + 2], scores[r + 1][c + 3])};
+#pragma unroll
+                for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
+                    if (dp * 16 >= head_dim) break;
+                    uint32 b[4];
+                    ldmatrix_x4<true>(b, v_tile.row(ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) + dp * 16 +
+                                             (lane / 16) * 8);
+                    mma_into<Element>(out, mt, dp, a, b);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with V[t]
+    }
+
+    const float sink_log2 = params.sinks != nullptr ? params.sinks[head] * 1.4426950408889634f : negative_infinity();
+    float output_scale[kRows], lse[kRows];
+    softmax.finish(sink_log2, output_scale, lse);
+    Element* o = static_cast<Element*>(params.out) + seq.batch_index * params.out_batch_stride +
+                 (seq.q_start + first_row) * params.out_row_stride + head * params.out_head_stride;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+        const int row = lane_row(warp_row, r);
+        if (row >= rows) continue;
+#pragma unroll
+        for (int c = 0; c < Layout::kDimColumns; c += 2) {
+            const int column = lane_column(c);
+            if (column >= head_dim) continue;
+            Element* destination = o + row * params.out_row_stride + column;
+            destination[0] = Traits::from_float(out[r][c] * output_scale[r]);
+            destination[1] = Traits::from_float(out[r][c + 1] * output_scale[r]);
+        }
+        if (params.lse != nullptr && lane % 4 == 0) {
+            params.lse[seq.batch_index * params.lse_batch_stride + head * params.lse_head_stride + seq.q_start +
+                       first_row + row] = lse[r];
+        }
+    }
+}
+
+// float32: each query row belongs to the 4 lanes of a quad, as in the mma layout, so the
+// softmax is the same code. Lane q of a quad holds the scores of keys q, q + 4, ... of the
+// tile and the output columns q, q + 4, ...; P @ V broadcasts each probability across the
+// quad with a shuffle.
+// (The minimum of one block per SM lets ptxas use the registers it needs: left to aim at
+// more, it spilled at 80 and 128 registers.)
+template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, bool WINDOWED, bool SOFTCAP>
+__global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const AttentionParams params) {
+    constexpr int kThreads = BLOCK_M * 4;  // a quad of lanes per query row
+    static_assert(BLOCK_N % 4 == 0 && kThreads % 32 == 0, "whole quads, whole warps");
+    constexpr int kKeysPerLane = BLOCK_N / 4, kDimsPerLane = HEAD_DIM / 4;
+    using QTile = SharedTile<float, BLOCK_M, HEAD_DIM>;
+    using KVTile = SharedTile<float, BLOCK_N, HEAD_DIM>;
+    const SequenceInfo seq = SequenceInfo::of(params, blockIdx.z);
+    const int64 first_row = int64(blockIdx.x) * BLOCK_M;
+    if (first_row >= seq.q_len) return;
+    const int rows = int(seq.q_len - first_row < BLOCK_M ? seq.q_len - first_row : BLOCK_M);
+    const int head = int(blockIdx.y);
+    const int kv_head = head / int(params.num_heads_q / params.num_heads_kv);
+    const int head_dim = int(params.head_dim);
+    const bool vector_loads = params.vector_loads != 0;
+
+    CUATTN_DYNAMIC_SHARED(float, shared);
+    if (CUATTN_DYNAMIC_SHARED_SIZE() < unsigned(QTile::kBytes + 2 * KVTile::kBytes)) __trap();
+    const QTile q_tile{shared};
+    const KVTile k_tile{shared + QTile::kBytes / 4};
+    const KVTile v_tile{k_tile.data + KVTile::kBytes / 4};
+
+    const float* q = static_cast<const float*>(params.q) + seq.batch_index * params.q_batch_stride +
+                     (seq.q_start + first_row) * params.q_row_stride + head * params.q_head_stride;
+    const float* k = static_cast<const float*>(params.k) + seq.batch_index * params.k_batch_stride +
+                     seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
+    const float* v = static_cast<const float*>(params.v) + seq.batch_index * params.v_batch_stride +
+                     seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
+    const Mask mask(params, seq);
+    const KeyTiles tiles = mask.tiles(first_row, first_row + rows - 1, BLOCK_N);
+
+    load_tile<kThreads>(q_tile, q, params.q_row_stride, rows, head_dim, vector_loads);
+    cp_async_commit();
+    if (tiles.count > 0) {
+        load_tile<kThreads>(k_tile, k + tiles.begin(0) * params.k_row_stride, params.k_row_stride,
+                            int(tiles.end(0) - tiles.begin(0)), head_dim, vector_loads);
+    }
+    cp_async_commit();
+
+    const int lane = int(threadIdx.x) % 32;
+    const int row = int(threadIdx.x) / 4;
+    const int quad = int(threadIdx.x) % 4;
+    OnlineSoftmax<1> softmax;
+    softmax.init();
+    float out[1][kDimsPerLane];
+#pragma unroll
+    for (int j = 0; j < kDimsPerLane; ++j) out[0][j] = 0.0f;
+
+    for (int64 t = 0; t < tiles.count; ++t) {
+        const int64 key_begin = tiles.begin(t);
+        const int keys = int(tiles.end(t) - key_begin);
+        load_tile<kThreads>(v_tile, v + key_begin * params.v_row_stride, params.v_row_stride, keys, head_dim,
+                            vector_loads);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        float scores[1][kKeysPerLane];
+#pragma unroll
+        for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] = 0.0f;
+        const float* query = q_tile.row(row);
+#pragma unroll 4
+        for (int d = 0; d < head_dim; ++d) {
+            const float x = query[d];
+#pragma unroll
+            for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] += x * k_tile.row(quad + 4 * j)[d];
+        }
+        __syncthreads();
+        if (t + 1 < tiles.count) {
+            const int64 next = tiles.begin(t + 1);
+            load_tile<kThreads>(k_tile, k + next * params.k_row_stride, params.k_row_stride,
+                                int(tiles.end(t + 1) - next), head_dim, vector_loads);
+        }
+        cp_async_commit();
+
+        const bool cut = keys < BLOCK_N ||
+                         (WINDOWED && !mask.sees_all(first_row, first_row + rows - 1, key_begin, key_begin + keys));
+#pragma unroll
+        for (int j = 0; j < kKeysPerLane; ++j) {
+            scores[0][j] = base2_score<SOFTCAP>(scores[0][j], params);
+            const int key = quad + 4 * j;
+            if (cut && (key >= keys || !mask.visible(first_row + row, key_begin + key))) {
+                scores[0][j] = negative_infinity();
+            }
+        }
+        float rescale[1];
+        softmax.update(scores, rescale);
+#pragma unroll
+        for (int j = 0; j < kDimsPerLane; ++j) out[0][j] *= rescale[0];
+
+        cp_async_wait<1>();
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < kKeysPerLane; ++j) {
+#pragma unroll
+            for (int source = 0; source < 4; ++source) {
+                const float p = __shfl_sync(kFullWarp, scores[0][j], (lane & ~3) | source);
+                const float* value_row = v_tile.row(4 * j + source);
+#pragma unroll
+                for (int jd = 0; jd < kDimsPerLane; ++jd) out[0][jd] += p * value_row[quad + 4 * jd];
+            }
+        }
+        __syncthreads();
+    }
+
+    const float sink_log2 = params.sinks != nullptr ? params.sinks[head] * 1.4426950408889634f : negative_infinity();
+    float output_scale[1], lse[1];
+    softmax.finish(sink_log2, output_scale, lse);
+    if (row < rows) {
+        float* o = static_cast<float*>(params.out) + seq.batch_index * params.out_batch_stride +
+                   (seq.q_start + first_row + row) * params.out_row_stride + head * params.out_head_stride;
+#pragma unroll
+        for (int jd = 0; jd < kDimsPerLane; ++jd) {
+            if (quad + 4 * jd < head_dim) o[quad + 4 * jd] = out[0][jd] * output_scale[0];
+        }
+        if (params.lse != nullptr && quad == 0) {
+            params.lse[seq.batch_index * params.lse_batch_stride + head * params.lse_head_stride + seq.q_start +
+                       first_row + row] = lse[0];
+        }
+    }
+}
+
+}  // namespace cuattn

@@ -1,0 +1,85 @@
+// Which keys a query row sees (docs/semantics.md), and which key tiles a block visits.
+//
+// Causal attention is a window whose right edge is the query's own position (the host folds
+// causal=True into window_right = 0), so there is one rule and one code path. A block never
+// visits a tile the mask hides entirely, and masks element by element only the tiles the
+// mask cuts: everything else runs unmasked.
+#pragma once
+
+#include "params.cuh"
+
+namespace cuattn {
+
+struct KeyTiles;
+
+struct Mask {
+    int64 offset;  // key position of query row 0: rows are aligned bottom-right
+    int64 key_count;
+    int64 window_left, window_right, sink_tokens;
+
+    __device__ __forceinline__ Mask(const AttentionParams& p, const SequenceInfo& s)
+        : offset(s.k_len - s.q_len),
+          key_count(s.k_len),
+          window_left(p.window_left),
+          window_right(p.window_right),
+          sink_tokens(p.sink_tokens) {}
+
+    __device__ __forceinline__ bool visible(int64 row, int64 key) const {
+        const int64 position = row + offset;
+        if (key >= key_count) return false;
+        if (window_right >= 0 && key > position + window_right) return false;
+        if (window_left >= 0 && key < position - window_left && key >= sink_tokens) return false;
+        return true;
+    }
+
+    // Whether every row of [first_row, last_row] sees every key of [key_begin, key_end).
+    __device__ __forceinline__ bool sees_all(int64 first_row, int64 last_row, int64 key_begin,
+                                             int64 key_end) const {
+        if (key_end > key_count) return false;
+        if (window_right >= 0 && key_end - 1 > first_row + offset + window_right) return false;
+        if (window_left >= 0 && key_begin < last_row + offset - window_left && key_end > sink_tokens) return false;
+        return true;
+    }
+
+    __device__ __forceinline__ KeyTiles tiles(int64 first_row, int64 last_row, int tile_keys) const;
+};
+
+// The key tiles rows [first_row, last_row] need, in two runs: the sink tokens left of the
+// window, then the window itself. Tiles start at `begin` of their run, not at multiples of
+// the tile size, so that a window costs O(window) whatever its offset.
+struct KeyTiles {
+    int64 sink_end;     // run 1: [0, sink_end)
+    int64 window_begin;  // run 2: [window_begin, window_end)
+    int64 window_end;
+    int64 sink_tiles;
+    int64 count;
+    int tile_keys;
+
+    __device__ __forceinline__ int64 begin(int64 t) const {
+        return t < sink_tiles ? t * tile_keys : window_begin + (t - sink_tiles) * tile_keys;
+    }
+    __device__ __forceinline__ int64 end(int64 t) const {
+        const int64 b = begin(t) + tile_keys;
+        const int64 run_end = t < sink_tiles ? sink_end : window_end;
+        return b < run_end ? b : run_end;
+    }
+};
+
+__device__ __forceinline__ KeyTiles Mask::tiles(int64 first_row, int64 last_row, int tile_keys) const {
+    KeyTiles t;
+    t.tile_keys = tile_keys;
+    int64 end = key_count;
+    if (window_right >= 0 && last_row + offset + window_right + 1 < end) end = last_row + offset + window_right + 1;
+    if (end < 0) end = 0;
+    int64 begin = 0;
+    if (window_left >= 0 && first_row + offset - window_left > 0) begin = first_row + offset - window_left;
+    if (begin > end) begin = end;
+    t.window_begin = begin;
+    t.window_end = end;
+    t.sink_end = sink_tokens < begin ? sink_tokens : begin;
+    t.sink_tiles = (t.sink_end + tile_keys - 1) / tile_keys;
+    t.count = t.sink_tiles + (end - begin + tile_keys - 1) / tile_keys;
+    return t;
+}
+
+}  // namespace cuattn

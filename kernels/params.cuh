@@ -1,0 +1,66 @@
+// The argument every attention kernel takes, and where a block finds its sequence.
+//
+// cuattn/kernel_params.py builds this struct byte for byte (a NumPy structured dtype with
+// the same fields in the same order); tests/test_kernel_params.py compiles this header and
+// checks the two layouts agree. Add a field here and there together.
+#pragma once
+
+#include "platform.cuh"
+
+namespace cuattn {
+
+struct AttentionParams {
+    const void* q;             // (batch, seqlen_q, num_heads_q, head_dim) in any strides
+    const void* k;             // (batch, seqlen_k, num_heads_kv, head_dim)
+    const void* v;
+    void* out;                 // like q
+    float* lse;                // (batch, num_heads_q, seqlen_q), or null when not wanted
+    const float* sinks;        // (num_heads_q,) learned sink logits, or null
+    const int* cu_seqlens_q;   // packed batches: (batch + 1,) prefix sums, else null
+    const int* cu_seqlens_k;
+    const int* cache_seqlens;  // KV cache: tokens already cached per sequence, else null
+    // Strides in elements. A packed batch is one batch entry, its sequences found by
+    // cu_seqlens along the row axis.
+    int64 q_batch_stride, q_row_stride, q_head_stride;
+    int64 k_batch_stride, k_row_stride, k_head_stride;
+    int64 v_batch_stride, v_row_stride, v_head_stride;
+    int64 out_batch_stride, out_row_stride, out_head_stride;
+    int64 lse_batch_stride, lse_head_stride;
+    int64 batch, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim;
+    int64 new_tokens;  // KV cache: keys per sequence = cache_seqlens[b] + new_tokens
+    int64 window_left, window_right, sink_tokens;  // -1: unbounded
+    // 1 when q, k and v sit on 16-byte boundaries in every row and head (all strides too), so
+    // that tiles can be copied 16 bytes at a time; otherwise element by element.
+    int64 vector_loads;
+    // Scores are kept in base 2: s = dot * score_scale, where score_scale is
+    // scale * log2(e), or with a softcap scale / softcap followed by s = softcap_log2 * tanh(s).
+    float score_scale;
+    float softcap_log2;
+};
+
+// Where one batch entry's queries and keys lie, and how many there are.
+struct SequenceInfo {
+    int64 batch_index;  // for the batch strides (0 for packed batches)
+    int64 q_start, q_len;
+    int64 k_start, k_len;
+
+    __device__ __forceinline__ static SequenceInfo of(const AttentionParams& p, int64 b) {
+        SequenceInfo s;
+        if (p.cu_seqlens_q != nullptr) {
+            s.batch_index = 0;
+            s.q_start = p.cu_seqlens_q[b];
+            s.q_len = p.cu_seqlens_q[b + 1] - s.q_start;
+            s.k_start = p.cu_seqlens_k[b];
+            s.k_len = p.cu_seqlens_k[b + 1] - s.k_start;
+        } else {
+            s.batch_index = b;
+            s.q_start = 0;
+            s.q_len = p.seqlen_q;
+            s.k_start = 0;
+            s.k_len = p.cache_seqlens != nullptr ? p.cache_seqlens[b] + p.new_tokens : p.seqlen_k;
+        }
+        return s;
+    }
+};
+
+}  // namespace cuattn

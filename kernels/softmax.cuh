@@ -1,0 +1,86 @@
+// Online softmax: the running (max, sum) of a row, updated one tile of scores at a time.
+//
+// Scores arrive in base 2 (log2(e) is folded into the score scale), so every exponential
+// is an exp2f. Each row is spread over the 4 lanes of a quad (the mma accumulator layout,
+// and the SIMT kernel's too): the maximum is reduced across the quad at every tile, because
+// all four lanes must rescale by the same factor; the sum stays a per-lane partial until
+// finish(), since rescaling commutes with adding the partials up.
+#pragma once
+
+#include "numeric.cuh"
+
+namespace cuattn {
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(kFullWarp, x, 1));
+    return fmaxf(x, __shfl_xor_sync(kFullWarp, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(kFullWarp, x, 1);
+    return x + __shfl_xor_sync(kFullWarp, x, 2);
+}
+
+template <int ROWS>
+struct OnlineSoftmax {
+    float row_max[ROWS];  // base 2; -inf while the row has seen no visible key
+    float row_sum[ROWS];  // this lane's share of the denominator, relative to row_max
+
+    __device__ __forceinline__ void init() {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            row_max[r] = negative_infinity();
+            row_sum[r] = 0.0f;
+        }
+    }
+
+    // Turns a tile of scores (masked ones -inf) into probabilities relative to the new
+    // running maximum, in place, and returns in `rescale` what the row's accumulated output
+    // must be multiplied by.
+    template <int COLS>
+    __device__ __forceinline__ void update(float (&scores)[ROWS][COLS], float (&rescale)[ROWS]) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float tile_max = scores[r][0];
+#pragma unroll
+            for (int c = 1; c < COLS; ++c) tile_max = fmaxf(tile_max, scores[r][c]);
+            const float new_max = fmaxf(row_max[r], quad_max(tile_max));
+            // While a row has seen only masked keys its maximum is -inf; exponentiating
+            // against 0 instead gives it zero probabilities, where -inf - -inf would be NaN.
+            const float reference = new_max == negative_infinity() ? 0.0f : new_max;
+            rescale[r] = exp2f(row_max[r] - reference);  // 0 when nothing was seen before
+            row_max[r] = new_max;
+            float tile_sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < COLS; ++c) {
+                scores[r][c] = exp2f(scores[r][c] - reference);
+                tile_sum += scores[r][c];
+            }
+            row_sum[r] = row_sum[r] * rescale[r] + tile_sum;
+        }
+    }
+
+    // Closes the rows: `output_scale` is what the accumulated output is multiplied by, and
+    // `lse` the natural log of the denominator. A learned sink (`sink_log2`, -inf if none)
+    // is one more logit whose value row is zero: it only enlarges the denominator. A row
+    // that saw nothing, without a sink, gets scale 0 and lse -inf.
+    __device__ __forceinline__ void finish(float sink_log2, float (&output_scale)[ROWS], float (&lse)[ROWS]) const {
+        constexpr float kLn2 = 0.6931471805599453f;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const float total = quad_sum(row_sum[r]);
+            const float final_max = fmaxf(row_max[r], sink_log2);
+            if (final_max == negative_infinity()) {
+                output_scale[r] = 0.0f;
+                lse[r] = negative_infinity();
+                continue;
+            }
+            const float weight = exp2f(row_max[r] - final_max);
+            const float denominator = total * weight + exp2f(sink_log2 - final_max);
+            output_scale[r] = weight / denominator;
+            lse[r] = (final_max + log2f(denominator)) * kLn2;
+        }
+    }
+};
+
+}  // namespace cuattn

@@ -1,0 +1,263 @@
+"""The emulator itself: each primitive against the PTX ISA's description, per lane; the
+faults it must report; and bugs planted in a copy of the forward kernel that it must catch.
+
+Fragment layouts below are written out again from the PTX ISA ("Matrix Fragments for
+mma.m16n8k16 with floating point type", "ldmatrix"), independently of kernels/mma.cuh, so
+that a misreading there would show here. The same tests run on a GPU (marked ``gpu``),
+holding the real instructions to the same expectations.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cuattn
+from cuattn import backends
+from cuattn.backends.emulate import EmulationFault, LibraryKernel
+from cuattn.dlpack import from_numpy
+from cuattn.kernels import kernel_dir
+
+from .helpers import BFLOAT16, assert_close, qkv
+from .oracle import attention_oracle
+
+WRAPPERS = str(Path(__file__).resolve().parent / "kernels" / "wrappers.cu")
+TEST_PARAMS = np.dtype(
+    [
+        ("input", np.uint64),
+        ("output", np.uint64),
+        ("extra", np.uint64),
+        ("count", np.int64),
+        ("mode", np.int64),
+    ]
+)
+KERNELS = tuple(
+    LibraryKernel(name, f"cuattn_test::{expression}", "cuattn_test::TestParams")
+    for name, expression in (
+        ("mma_f16", "mma_lanes<cuattn::half>"),
+        ("mma_bf16", "mma_lanes<cuattn::bfloat16>"),
+        ("ldmatrix", "ldmatrix_lanes<false>"),
+        ("ldmatrix_trans", "ldmatrix_lanes<true>"),
+        ("cp_async", "cp_async_threads"),
+        ("shuffle", "shuffle_lanes"),
+        ("faulty", "faulty"),
+    )
+)
+
+
+def run(name, input, output, extra=None, *, count=0, mode=0, threads=32, shared=0):
+    """Launch test kernel ``name`` on the emulator: one block of ``threads``."""
+    arrays = {"input": input, "output": output, "extra": extra}
+    params = np.zeros(1, TEST_PARAMS)
+    raw = {key: from_numpy(array) for key, array in arrays.items() if array is not None}
+    for key, array in raw.items():
+        params[0][key] = array.ptr
+    params[0]["count"], params[0]["mode"] = count, mode
+    backends.get("emulate").run_kernel(
+        (WRAPPERS,), KERNELS, name, params, (1, 1, 1), (threads, 1, 1), shared, raw, {"output"}
+    )
+    return output
+
+
+# --- the PTX ISA's layouts, written out ------------------------------------------------------
+
+
+def a_position(lane, i):
+    """Row and column of value i (0-7) of the A fragment held by ``lane``."""
+    group, quad = lane >> 2, lane % 4
+    row = group if (i < 2 or 4 <= i < 6) else group + 8
+    col = quad * 2 + (i & 1) + (8 if i >= 4 else 0)
+    return row, col
+
+
+def b_position(lane, i):
+    group, quad = lane >> 2, lane % 4
+    return quad * 2 + (i & 1) + (8 if i >= 2 else 0), group
+
+
+def c_position(lane, i):
+    group, quad = lane >> 2, lane % 4
+    return group + (8 if i >= 2 else 0), quad * 2 + (i & 1)
+
+
+def pack(values: np.ndarray) -> np.ndarray:
+    """Pairs of 16-bit values as 32-bit registers, the first in the low half."""
+    bits = values.view(np.uint16).astype(np.uint32)
+    return bits[..., 0::2] | (bits[..., 1::2] << 16)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16], ids=["float16", "bfloat16"])
+def test_mma_matches_a_numpy_matmul_per_lane(rng, dtype):
+    a = rng.standard_normal((16, 16)).astype(dtype)
+    b = rng.standard_normal((16, 8)).astype(dtype)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    a_values = np.array([[a[a_position(lane, i)] for i in range(8)] for lane in range(32)], dtype)
+    b_values = np.array([[b[b_position(lane, i)] for i in range(4)] for lane in range(32)], dtype)
+    registers = np.concatenate([pack(a_values), pack(b_values)], axis=1)
+    c_lanes = np.array(
+        [[c[c_position(lane, i)] for i in range(4)] for lane in range(32)], np.float32
+    )
+    d_lanes = np.full((32, 4), np.nan, np.float32)
+    run("mma_f16" if dtype == np.float16 else "mma_bf16", registers, d_lanes, c_lanes)
+    expected = a.astype(np.float64) @ b.astype(np.float64) + c
+    for lane in range(32):
+        for i in range(4):
+            assert d_lanes[lane, i] == pytest.approx(
+                expected[c_position(lane, i)], rel=1e-6, abs=1e-6
+            )
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["plain", "trans"])
+def test_ldmatrix_gives_each_lane_its_pairs(rng, transpose):
+    rows = rng.integers(0, 2**16, (32, 8), dtype=np.uint64).astype(np.uint16)
+    order = rng.permutation(32).astype(np.int32)  # lane l points at row order[l]
+    out = np.zeros((32, 4), np.uint32)
+    run("ldmatrix_trans" if transpose else "ldmatrix", rows, out, order, shared=32 * 32)
+    for lane in range(32):
+        for j in range(4):
+            matrix = rows[order[8 * j : 8 * j + 8]]  # matrix j: rows given by lanes 8j..8j+7
+            if transpose:
+                low, high = matrix[2 * (lane % 4), lane // 4], matrix[2 * (lane % 4) + 1, lane // 4]
+            else:
+                low, high = matrix[lane // 4, 2 * (lane % 4)], matrix[lane // 4, 2 * (lane % 4) + 1]
+            assert out[lane, j] == int(low) | (int(high) << 16), (lane, j)
+
+
+def test_cp_async_copies_and_zero_fills_across_a_barrier(rng):
+    threads = 64
+    data = rng.integers(1, 255, (threads, 16), dtype=np.uint8)
+    valid = (rng.random(threads) < 0.7).astype(np.int32)
+    out = np.zeros_like(data)
+    run("cp_async", data, out, valid, count=threads, threads=threads, shared=16 * threads)
+    expected = np.where(valid[:, None] != 0, data, 0)
+    np.testing.assert_array_equal(out, np.roll(expected, -1, axis=0))
+
+
+@pytest.mark.parametrize(
+    "mode, count",
+    [(0, 1), (0, 2), (0, 16), (1, 5), (2, 3)],
+    ids=["xor-1", "xor-2", "xor-16", "broadcast-5", "down-3"],
+)
+def test_shuffles(rng, mode, count):
+    x = rng.standard_normal(32).astype(np.float32)
+    out = run("shuffle", x, np.zeros(32, np.float32), count=count, mode=mode)
+    lanes = np.arange(32)
+    source = {
+        0: lanes ^ count,
+        1: np.full(32, count),
+        2: np.where(lanes + count < 32, lanes + count, lanes),
+    }
+    np.testing.assert_array_equal(out, x[source[mode]])
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+FAULTS = {
+    "divergent-barrier": (
+        0,
+        64,
+        r"wrappers\.cu:\d+: .*divergent __syncthreads: other threads wait at",
+    ),
+    "partial-mask": (1, 32, r"wrappers\.cu:\d+: .*__shfl_xor_sync with mask 0x0000ffff"),
+    "deadlock": (
+        2,
+        128,
+        r"deadlock in block \(0,0,0\): no thread can proceed\n  thread 0 waits at",
+    ),
+    "misaligned-cp-async": (
+        4,
+        32,
+        r"wrappers\.cu:\d+: .*cp\.async of 16 bytes needs 16-byte aligned",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_faults_name_the_kernel_line(fault):
+    mode, threads, pattern = FAULTS[fault]
+    data = np.zeros(threads * 16 + 64, np.uint8)
+    with pytest.raises(EmulationFault, match=pattern):
+        run(
+            "faulty",
+            data,
+            np.zeros(threads, np.float32),
+            mode=mode,
+            threads=threads,
+            shared=16 * threads,
+        )
+
+
+def test_a_run_past_the_time_limit_is_stopped(emulate_options):
+    emulate_options(time_limit=1.0)
+    with pytest.raises(EmulationFault, match=r"time limit of 1 s exceeded in block \(0,0,0\)"):
+        run(
+            "faulty",
+            np.zeros(8, np.float32),
+            np.zeros(64, np.float32),
+            count=10**12,
+            mode=3,
+            threads=64,
+        )
+
+
+def test_sanitizer_reports_a_read_past_an_array(emulate_options):
+    emulate_options(sanitize=True)
+    with pytest.raises(EmulationFault, match=r"heap-buffer-overflow"):
+        run("faulty", np.ones(32, np.float32), np.zeros(32, np.float32), mode=5)
+
+
+# --- planted bugs ----------------------------------------------------------------------------
+
+PLANTED = {
+    # One row past the end of every tile: the last tile of K and V reads past the array.
+    "tile-bound-off-by-one": (
+        "tile.cuh",
+        "const bool valid = r < valid_rows && c < head_dim;",
+        "const bool valid = r <= valid_rows && c < head_dim;",
+    ),
+    # The ragged last key tile forgotten: keys at the end of a sequence never seen.
+    "tile-count-off-by-one": (
+        "mask.cuh",
+        "(end - begin + tile_keys - 1) / tile_keys;",
+        "(end - begin) / tile_keys;",
+    ),
+    # Warps read K before the other warps' copies have landed.
+    "removed-syncthreads": (
+        "fwd.cu",
+        "cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight\n"
+        "        __syncthreads();",
+        "cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight",
+    ),
+}
+
+
+# Each bug must be caught under both deterministic thread orders; a shuffled order may by
+# chance run a racy kernel benignly, so it is not asked to.
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+def test_planted_bugs_are_caught(tmp_path, rng, emulate_options, bug, schedule):
+    file, correct, planted = PLANTED[bug]
+    copy = tmp_path / "kernels"
+    shutil.copytree(kernel_dir(), copy)
+    source = (copy / file).read_text()
+    assert source.count(correct) == 1, "the planted bug no longer matches the kernel source"
+    (copy / file).write_text(source.replace(correct, planted))
+    emulate_options(kernel_dir=copy, schedule=schedule, seed=7)
+    q, k, v = qkv(rng, 1, 150, 150, 4, 2, 64, np.float16)
+    expected, _ = attention_oracle(q, k, v, causal=True)
+    with pytest.raises((AssertionError, EmulationFault)):
+        out = cuattn.attention(q, k, v, causal=True, backend="emulate")
+        assert_close(out, expected, np.float16)
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "shuffled"])
+def test_the_real_kernel_passes_under_every_schedule(rng, emulate_options, schedule):
+    emulate_options(schedule=schedule, seed=11)
+    for dtype in (np.float16, np.float32):
+        q, k, v = qkv(rng, 1, 150, 150, 4, 2, 64, dtype)
+        out = cuattn.attention(q, k, v, causal=True, backend="emulate")
+        assert_close(out, attention_oracle(q, k, v, causal=True)[0], dtype)

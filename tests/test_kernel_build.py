@@ -1,0 +1,76 @@
+"""Every kernel instantiation compiles with NVRTC for sm_80 and sm_90 with no register
+spills, and the instantiation table covers every call the API accepts. No GPU needed."""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from cuattn import nvrtc
+from cuattn.kernels import HEAD_DIMS, all_kernels, forward_kernel
+from cuattn.spec import AttentionSpec
+
+from .helpers import DTYPES
+
+ARCHES = ("sm_80", "sm_90")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    try:
+        nvrtc.library()
+    except nvrtc.NvrtcError as error:
+        pytest.skip(str(error))
+    expressions = sorted({k.expression for k in all_kernels()})
+    # One NVRTC program per architecture, the two compiled side by side.
+    with ThreadPoolExecutor(len(ARCHES)) as pool:
+        programs = pool.map(lambda arch: nvrtc.compile_program("fwd.cu", expressions, arch), ARCHES)
+    return dict(zip(ARCHES, programs, strict=True))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_instantiation_compiles_without_spills(compiled, arch):
+    resources = compiled[arch].resources()
+    assert set(resources) == {k.expression for k in all_kernels()}
+    spilled = {
+        expression: r
+        for expression, r in resources.items()
+        if r.spill_store_bytes or r.spill_load_bytes or r.stack_bytes
+    }
+    assert not spilled, f"{arch}: register spills or stack frames in {spilled}"
+    assert max(r.registers for r in resources.values()) <= 255
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_accepted_call_has_an_instantiation(dtype):
+    kernels = set(all_kernels())
+    for head_dim, left, right, softcap in itertools.product(
+        range(8, 257, 8), (-1, 5), (-1, 0), (0.0, 1.0)
+    ):
+        spec = AttentionSpec(
+            batch=1,
+            seqlen_q=1,
+            seqlen_k=1,
+            num_heads_q=1,
+            num_heads_kv=1,
+            head_dim=head_dim,
+            dtype=np.dtype(dtype),
+            scale=1.0,
+            softcap=softcap,
+            window_left=left,
+            window_right=right,
+            sink_tokens=0,
+            has_sinks=False,
+            return_lse=False,
+        )
+        kernel = forward_kernel(spec)
+        assert kernel in kernels and kernel.head_dim >= head_dim
+
+
+def test_instantiation_keys_are_unique():
+    names = [k.name for k in all_kernels()]
+    assert len(names) == len(set(names)) and all(name.isidentifier() for name in names)
+    assert {k.head_dim for k in all_kernels()} == set(HEAD_DIMS)

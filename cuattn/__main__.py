@@ -14,7 +14,8 @@ import numpy as np
 
 import cuattn
 
-from . import backends
+from . import backends, nvrtc
+from .kernels import ForwardKernel
 
 
 def _bench_package():
@@ -44,7 +45,31 @@ def info(args) -> int:
         print(f"  backend {name:8s} {detail}")
     nvcc = shutil.which("nvcc")
     print(f"  nvcc     {nvcc or 'not found'}")
+    try:
+        major, minor = nvrtc.version()
+        print(f"  NVRTC    {major}.{minor}")
+    except nvrtc.NvrtcError as error:
+        print(f"  NVRTC    not found ({error})")
+        return 0
+    if args.compile:
+        _compile_report(args.compile)
     return 0
+
+
+def _compile_report(arch: str) -> None:
+    """What a first call pays to compile, and each kernel's registers and spills."""
+    print(f"compiling one forward kernel per dtype for {arch} (what a first call on the GPU pays):")
+    for dtype in ("float16", "bfloat16", "float32"):
+        kernel = ForwardKernel(dtype, 128, True, False)
+        start = time.perf_counter()
+        program = nvrtc.compile_program(kernel.source, [kernel.expression], arch)
+        seconds = time.perf_counter() - start
+        r = program.resources()[kernel.expression]
+        spilled = r.spill_store_bytes + r.spill_load_bytes
+        print(
+            f"  {kernel.name:32s} {seconds:5.2f} s  {r.registers} registers, "
+            f"{spilled} bytes spilled, {r.stack_bytes} bytes stack"
+        )
 
 
 def _float64_reference(q, k, v, rows: int) -> np.ndarray:
@@ -116,11 +141,18 @@ def bench(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cuattn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="version, backends found, GPU and compilers")
+    info_parser = commands.add_parser("info", help="version, backends found, GPU and compilers")
+    info_parser.add_argument(
+        "--compile",
+        metavar="ARCH",
+        nargs="?",
+        const="sm_90",
+        help="also time compiling the forward kernels (default sm_90)",
+    )
     demo_parser = commands.add_parser("demo", help="run attention on the best backend and check it")
     demo_parser.add_argument("--seqlen", type=int, default=1024)
     bench_parser = commands.add_parser("bench", help="run a benchmark (see bench/)")
-    bench_parser.add_argument("name", choices=["cpu"])
+    bench_parser.add_argument("name", choices=["cpu", "prefill"])
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     args = parser.parse_args(argv)
     return {"info": info, "demo": demo, "bench": bench}[args.command](args)

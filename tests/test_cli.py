@@ -29,3 +29,9 @@ def test_demo_checks_itself_against_float64():
     done = _run("demo", "--seqlen", "300")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "max |error|" in done.stdout and "OK" in done.stdout
+
+
+def test_info_reports_compile_time_and_registers():
+    done = _run("info", "--compile", "sm_80")
+    assert done.returncode == 0, done.stderr
+    assert "forward_bf16_d128_windowed" in done.stdout and "0 bytes spilled" in done.stdout

@@ -9,14 +9,16 @@ holding the real instructions to the same expectations.
 
 from __future__ import annotations
 
+import functools
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import cuattn
-from cuattn import backends
+from cuattn import backends, nvrtc
 from cuattn.backends.emulate import EmulationFault, LibraryKernel
 from cuattn.dlpack import from_numpy
 from cuattn.kernels import kernel_dir
@@ -48,18 +50,46 @@ KERNELS = tuple(
 )
 
 
-def run(name, input, output, extra=None, *, count=0, mode=0, threads=32, shared=0):
-    """Launch test kernel ``name`` on the emulator: one block of ``threads``."""
+def run(name, input, output, extra=None, *, count=0, mode=0, threads=32, shared=0, where="emulate"):
+    """Launch test kernel ``name`` as one block of ``threads``, emulated or on the GPU;
+    ``output`` is filled in and returned."""
     arrays = {"input": input, "output": output, "extra": extra}
     params = np.zeros(1, TEST_PARAMS)
+    params[0]["count"], params[0]["mode"] = count, mode
+    if where == "gpu":
+        cupy = pytest.importorskip("cupy")
+        on_device = {key: cupy.asarray(array) for key, array in arrays.items() if array is not None}
+        for key, array in on_device.items():
+            params[0][key] = array.data.ptr
+        _gpu_functions()[name]((1,), (threads,), (params,), shared_mem=shared)
+        output[...] = on_device["output"].get()
+        return output
     raw = {key: from_numpy(array) for key, array in arrays.items() if array is not None}
     for key, array in raw.items():
         params[0][key] = array.ptr
-    params[0]["count"], params[0]["mode"] = count, mode
     backends.get("emulate").run_kernel(
         (WRAPPERS,), KERNELS, name, params, (1, 1, 1), (threads, 1, 1), shared, raw, {"output"}
     )
     return output
+
+
+@functools.cache
+def _gpu_functions():
+    """The test kernels compiled by NVRTC for this GPU, loaded through CuPy."""
+    import cupy
+
+    arch = f"sm_{cupy.cuda.Device().compute_capability}"
+    program = nvrtc.compile_program(WRAPPERS, [k.expression for k in KERNELS], arch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(program.binary)
+    module = cupy.RawModule(path=handle.name)
+    return {k.name: module.get_function(program.lowered_names[k.expression]) for k in KERNELS}
+
+
+@pytest.fixture(params=["emulate", pytest.param("gpu", marks=pytest.mark.gpu)])
+def where(request):
+    """Where the per-lane tests run: the emulator, and the real instructions on a GPU."""
+    return request.param
 
 
 # --- the PTX ISA's layouts, written out ------------------------------------------------------
@@ -90,7 +120,7 @@ def pack(values: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BFLOAT16], ids=["float16", "bfloat16"])
-def test_mma_matches_a_numpy_matmul_per_lane(rng, dtype):
+def test_mma_matches_a_numpy_matmul_per_lane(rng, where, dtype):
     a = rng.standard_normal((16, 16)).astype(dtype)
     b = rng.standard_normal((16, 8)).astype(dtype)
     c = rng.standard_normal((16, 8)).astype(np.float32)
@@ -101,21 +131,23 @@ def test_mma_matches_a_numpy_matmul_per_lane(rng, dtype):
         [[c[c_position(lane, i)] for i in range(4)] for lane in range(32)], np.float32
     )
     d_lanes = np.full((32, 4), np.nan, np.float32)
-    run("mma_f16" if dtype == np.float16 else "mma_bf16", registers, d_lanes, c_lanes)
+    run("mma_f16" if dtype == np.float16 else "mma_bf16", registers, d_lanes, c_lanes, where=where)
     expected = a.astype(np.float64) @ b.astype(np.float64) + c
     for lane in range(32):
         for i in range(4):
             assert d_lanes[lane, i] == pytest.approx(
-                expected[c_position(lane, i)], rel=1e-6, abs=1e-6
+                expected[c_position(lane, i)], rel=1e-5, abs=1e-5
             )
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["plain", "trans"])
-def test_ldmatrix_gives_each_lane_its_pairs(rng, transpose):
+def test_ldmatrix_gives_each_lane_its_pairs(rng, where, transpose):
     rows = rng.integers(0, 2**16, (32, 8), dtype=np.uint64).astype(np.uint16)
     order = rng.permutation(32).astype(np.int32)  # lane l points at row order[l]
     out = np.zeros((32, 4), np.uint32)
-    run("ldmatrix_trans" if transpose else "ldmatrix", rows, out, order, shared=32 * 32)
+    run(
+        "ldmatrix_trans" if transpose else "ldmatrix", rows, out, order, shared=32 * 32, where=where
+    )
     for lane in range(32):
         for j in range(4):
             matrix = rows[order[8 * j : 8 * j + 8]]  # matrix j: rows given by lanes 8j..8j+7
@@ -126,12 +158,21 @@ def test_ldmatrix_gives_each_lane_its_pairs(rng, transpose):
             assert out[lane, j] == int(low) | (int(high) << 16), (lane, j)
 
 
-def test_cp_async_copies_and_zero_fills_across_a_barrier(rng):
+def test_cp_async_copies_and_zero_fills_across_a_barrier(rng, where):
     threads = 64
     data = rng.integers(1, 255, (threads, 16), dtype=np.uint8)
     valid = (rng.random(threads) < 0.7).astype(np.int32)
     out = np.zeros_like(data)
-    run("cp_async", data, out, valid, count=threads, threads=threads, shared=16 * threads)
+    run(
+        "cp_async",
+        data,
+        out,
+        valid,
+        count=threads,
+        threads=threads,
+        shared=16 * threads,
+        where=where,
+    )
     expected = np.where(valid[:, None] != 0, data, 0)
     np.testing.assert_array_equal(out, np.roll(expected, -1, axis=0))
 
@@ -141,9 +182,9 @@ def test_cp_async_copies_and_zero_fills_across_a_barrier(rng):
     [(0, 1), (0, 2), (0, 16), (1, 5), (2, 3)],
     ids=["xor-1", "xor-2", "xor-16", "broadcast-5", "down-3"],
 )
-def test_shuffles(rng, mode, count):
+def test_shuffles(rng, where, mode, count):
     x = rng.standard_normal(32).astype(np.float32)
-    out = run("shuffle", x, np.zeros(32, np.float32), count=count, mode=mode)
+    out = run("shuffle", x, np.zeros(32, np.float32), count=count, mode=mode, where=where)
     lanes = np.arange(32)
     source = {
         0: lanes ^ count,

@@ -25,6 +25,13 @@ def test_wheel_ships_kernels_and_benchmarks(tmp_path):
     }
     assert {f"cuattn/kernel_sources/{name}" for name in kernels} <= names
     assert "cuattn/bench/cpu.py" in names
+    metadata = (
+        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    )
+    for requirement in ("numpy", "numba", "scipy", "ml_dtypes", "threadpoolctl"):
+        assert f"Requires-Dist: {requirement}" in metadata, (
+            f"{requirement} missing from install_requires"
+        )
     # An unpacked wheel, imported on its own, finds its own copy of the sources.
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     found = subprocess.run(

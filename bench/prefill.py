@@ -1,0 +1,171 @@
+"""Prefill on the GPU: cuattn's forward kernel against PyTorch SDPA (each backend) and a
+naive CuPy attention (matmul, mask, softmax, matmul as separate kernels), in one run.
+
+16k tokens per batch (B * S = 16384), S from 512 to 16k, head dims 64 and 128 with
+2048 / D heads, float16 and bfloat16, causal and not. FLOPs are 4 * B * H * S * S * D,
+halved for causal (FlashAttention's convention). Issue 4's target: at least 1.0x the flash
+backend of SDPA (FlashAttention-2) on every row.
+
+    python -m cuattn bench prefill [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from .report import environment, table, write
+from .timing import attention_flops
+
+TOKENS = 16384
+MODEL_DIM = 2048
+
+
+def _sdpa(torch, backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _naive_cupy(q, k, v, causal):
+    """What attention looked like before fused kernels: each step its own pass over HBM."""
+    import cupy
+
+    q, k, v = (cupy.from_dlpack(x.transpose(1, 2).contiguous()) for x in (q, k, v))
+    scores = cupy.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        s = scores.shape[-1]
+        scores = cupy.where(cupy.tril(cupy.ones((s, s), bool)), scores, -cupy.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = cupy.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return cupy.matmul(weights, v).transpose(0, 2, 1, 3)
+
+
+def peers(torch):
+    import cuattn
+
+    found = {"cuattn": lambda q, k, v, causal: cuattn.attention(q, k, v, causal=causal)}
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        found[f"SDPA {name.split('_')[0].lower()}"] = _sdpa(torch, name)
+    found["naive CuPy"] = _naive_cupy
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cuattn bench prefill", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and runs")
+    parser.add_argument("--out", help="directory for the results (default bench/results)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from .timing_cuda import device_description, time_cuda
+
+    seqlens = (1024, 4096) if args.quick else (512, 1024, 2048, 4096, 8192, 16384)
+    head_dims = (128,) if args.quick else (64, 128)
+    dtypes = (torch.bfloat16,) if args.quick else (torch.float16, torch.bfloat16)
+    runs = 5 if args.quick else 20
+    rows = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            heads = MODEL_DIM // head_dim
+            for seqlen in seqlens:
+                batch = TOKENS // seqlen
+                inputs = [
+                    [
+                        torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+                        for _ in range(3)
+                    ]
+                    for _ in range(2)
+                ]
+                for causal in (False, True):
+                    flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal)
+                    reference = None
+                    times = {}
+                    for name, peer in peers(torch).items():
+                        try:
+                            out = peer(*inputs[0], causal)
+                            out = (
+                                torch.from_dlpack(out) if not isinstance(out, torch.Tensor) else out
+                            )
+                            if reference is None:
+                                reference = out.float()
+                            error = float((out.float() - reference).abs().max())
+                            timing = time_cuda(
+                                lambda i, p=peer, c=causal, x=inputs: p(*x[i % 2], c), runs=runs
+                            )
+                        except (
+                            Exception
+                        ) as failure:  # a peer without a kernel for this case, or OOM
+                            print(
+                                f"  {name} skipped at S={seqlen} D={head_dim}: "
+                                f"{type(failure).__name__}: {str(failure).splitlines()[0][:120]}"
+                            )
+                            torch.cuda.empty_cache()
+                            continue
+                        times[name] = timing.median
+                        rows.append(
+                            dict(
+                                dtype=str(dtype).split(".")[-1],
+                                head_dim=head_dim,
+                                seqlen=seqlen,
+                                batch=batch,
+                                causal=causal,
+                                peer=name,
+                                ms=round(timing.median * 1e3, 3),
+                                tflops=round(flops / timing.median / 1e12, 1),
+                                max_abs_diff=f"{error:.1e}",
+                                timing=timing.as_dict(),
+                            )
+                        )
+                    for row in rows[-len(times) :]:
+                        row["cuattn_speedup"] = (
+                            round(times[row["peer"]] / times["cuattn"], 2)
+                            if "cuattn" in times
+                            else None
+                        )
+                    print(
+                        f"  {str(dtype)[6:]} D={head_dim} S={seqlen} causal={causal}: "
+                        + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()),
+                        flush=True,
+                    )
+                del inputs
+    name, driver = device_description()
+    env = environment(device=name, driver=driver)
+    stem = f"prefill-{name.replace(' ', '_')}-{env['date'][:10]}"
+    columns = [
+        ("dtype", "dtype"),
+        ("head_dim", "D"),
+        ("seqlen", "S"),
+        ("causal", "causal"),
+        ("peer", "peer"),
+        ("ms", "ms"),
+        ("tflops", "TFLOP/s"),
+        ("cuattn_speedup", "cuattn speed-up"),
+        ("max_abs_diff", "max |diff| vs cuattn"),
+    ]
+    text = table(rows, columns)
+    path = write(stem, dict(environment=env, rows=rows), args.out)
+    path.with_suffix(".md").write_text(
+        f"# Prefill, {name}, driver {driver}, {env['date'][:10]}, "
+        f"commit {env['git_commit']}\n\n{text}\n"
+    )
+    print(text)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

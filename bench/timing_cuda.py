@@ -1,0 +1,53 @@
+"""GPU timing: CUDA events around each call, the L2 cache flushed before every run, warm-up
+excluded, the median of many runs. Every peer is launched on one stream (PyTorch's
+current stream, which CuPy is pointed at too), so the events time exactly its work."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from .timing import Timing
+
+# Larger than the L2 of any current GPU (50 MiB on H100): writing it evicts the inputs.
+_FLUSH_BYTES = 256 * 2**20
+
+
+@contextlib.contextmanager
+def one_stream():
+    """CuPy's current stream set to PyTorch's, for the duration."""
+    import cupy
+    import torch
+
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        yield
+
+
+def time_cuda(function: Callable[[int], object], *, warmup: int = 3, runs: int = 20) -> Timing:
+    """Time ``function(i)`` (``i`` picks one of the caller's rotating input sets)."""
+    import cupy
+
+    flush = cupy.empty(_FLUSH_BYTES, cupy.uint8)
+    with one_stream():
+        stream = cupy.cuda.get_current_stream()
+        for i in range(warmup):
+            function(i)
+        samples = []
+        for i in range(runs):
+            flush.fill(i % 255)
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            function(warmup + i)
+            end.record(stream)
+            end.synchronize()
+            samples.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return Timing.of(samples)
+
+
+def device_description() -> tuple[str, str]:
+    """(device name, driver version)."""
+    import cupy
+
+    properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    driver = cupy.cuda.runtime.driverGetVersion()
+    return properties["name"].decode(), f"{driver // 1000}.{driver % 1000 // 10}"

@@ -13,6 +13,7 @@ from .spec import (
     Sequences,
     attention_spec,
     batched_sequences,
+    check_merge,
     kvcache_sequences,
     kvcache_spec,
     varlen_sequences,
@@ -214,18 +215,21 @@ def attention_with_kvcache(
         k_cache, v_cache: (batch, capacity, num_heads_kv, head_dim), written in place.
         k_new, v_new: optional (batch, seqlen_new, num_heads_kv, head_dim), written at
             positions [cache_seqlens[b], cache_seqlens[b] + seqlen_new) of sequence b.
-        cache_seqlens: int32 (batch,) tokens already in each sequence's cache, or an int
-            for all, or None for a full cache. It is not changed by the call.
+        cache_seqlens: int32 (batch,) tokens already in each sequence's cache: an array of
+            the caller's framework, or on the host (a NumPy array, a list, an int for all, None
+            for a full cache). It is not changed by the call.
         Other options as :func:`attention`; queries are aligned to the end of each
         sequence's keys, so a single decode query (seqlen_q = 1) stands at the newest one.
 
     A write that would pass the capacity raises ValueError before anything is written.
-    With device-resident ``cache_seqlens`` that check reads them back to the host once.
+    With device-resident ``cache_seqlens`` that check reads them back to the host once;
+    host lengths avoid that wait.
     """
-    if cache_seqlens is None or isinstance(cache_seqlens, (int, np.integer)):
-        seqlens_arg = None
-    else:
-        seqlens_arg = cache_seqlens
+    # Lengths kept on the host (an int, a list, a NumPy array) need no device round trip,
+    # whatever framework the tensors come from.
+    host_lengths = cache_seqlens is None or isinstance(
+        cache_seqlens, (int, np.integer, list, tuple, np.ndarray)
+    )
     writable = ("k_cache", "v_cache") if k_new is not None else ()
     call = interop.import_arrays(
         {
@@ -234,16 +238,21 @@ def attention_with_kvcache(
             "v_cache": v_cache,
             "k_new": k_new,
             "v_new": v_new,
-            "cache_seqlens": seqlens_arg,
+            "cache_seqlens": None if host_lengths else cache_seqlens,
             "sinks": sinks,
         },
         writable=writable,
     )
     raw = call.raw
     batch, capacity = raw["q"].shape[0], raw["k_cache"].shape[1]
-    if seqlens_arg is None:
-        fill = capacity if cache_seqlens is None else int(cache_seqlens)
-        seqlens = np.full(batch, fill, np.int32)
+    if host_lengths:
+        if cache_seqlens is None or isinstance(cache_seqlens, (int, np.integer)):
+            fill = capacity if cache_seqlens is None else int(cache_seqlens)
+            seqlens = np.full(batch, fill, np.int32)
+        elif isinstance(cache_seqlens, np.ndarray):
+            seqlens = cache_seqlens  # its dtype is checked with the rest
+        else:
+            seqlens = np.asarray(cache_seqlens, np.int32)
         raw["cache_seqlens"] = from_numpy(seqlens)
     else:
         seqlens = interop.host_copy(call, "cache_seqlens")
@@ -271,3 +280,47 @@ def attention_with_kvcache(
         ),
         engine,
     )
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend: str = "auto"):
+    """Combine two attentions of the same queries over disjoint sets of keys.
+
+    With ``(out_a, lse_a) = attention(q, k_a, v_a, return_lse=True)`` and the same over
+    (k_b, v_b), the result is exactly attention over the union of the keys: the two outputs
+    weighted by ``exp(lse_x - lse)``, with ``lse = logaddexp(lse_a, lse_b)``. It serves
+    attention over a cache split across devices or pieces (and is how split-KV decoding
+    joins its parts). A row empty on both sides (lse -inf) stays 0 with lse -inf.
+
+    Args:
+        out_a, out_b: (batch, seqlen, heads, head_dim), or packed (total, heads, head_dim).
+        lse_a, lse_b: float32 (batch, heads, seqlen), or (heads, total).
+
+    Returns:
+        (out, lse) of the same shapes, ``out`` in out_a's dtype.
+
+    Example:
+        >>> import numpy as np, cuattn
+        >>> q, k, v = (np.random.randn(1, 4, 2, 64).astype(np.float32) for _ in range(3))
+        >>> a = cuattn.attention(q, k[:, :2], v[:, :2], return_lse=True)
+        >>> b = cuattn.attention(q, k[:, 2:], v[:, 2:], return_lse=True)
+        >>> out, lse = cuattn.merge_attention_states(*a, *b)
+        >>> bool(np.allclose(out, cuattn.attention(q, k, v), atol=1e-6))
+        True
+    """
+    call = interop.import_arrays({"out_a": out_a, "lse_a": lse_a, "out_b": out_b, "lse_b": lse_b})
+    check_merge(call.raw)
+    raw = call.raw
+    engine = backends.select(backend, call.device)
+    out = interop.empty(call, raw["out_a"].shape, raw["out_a"].dtype)
+    lse = interop.empty(call, raw["lse_a"].shape, _LSE_DTYPE)
+    if out.raw.size:
+        engine.merge(
+            _as_4d(raw["out_a"]),
+            _as_3d_lse(raw["lse_a"]),
+            _as_4d(raw["out_b"]),
+            _as_3d_lse(raw["lse_b"]),
+            _as_4d(out.raw),
+            _as_3d_lse(lse.raw),
+            call.stream,
+        )
+    return out.array(), lse.array()

@@ -104,3 +104,53 @@ def attention_params(
     else:
         p["score_scale"] = spec.scale * LOG2E
     return params
+
+
+# kernels/combine.cu's MergeParams.
+MERGE_FIELDS = (
+    [(name, np.uint64) for name in ("out_a", "lse_a", "out_b", "lse_b", "out", "lse")]
+    + [
+        (f"{array}_{axis}_stride", np.int64)
+        for array in ("out_a", "out_b", "out")
+        for axis in ("batch", "row", "head")
+    ]
+    + [
+        (f"{array}_{axis}_stride", np.int64)
+        for array in ("lse_a", "lse_b", "lse")
+        for axis in ("batch", "head", "row")
+    ]
+    + [(name, np.int64) for name in ("batch", "seqlen", "heads", "head_dim")]
+)
+MERGE_DTYPE = _layout(MERGE_FIELDS)
+
+
+def merge_params(
+    out_a: RawArray,
+    lse_a: RawArray,
+    out_b: RawArray,
+    lse_b: RawArray,
+    out: RawArray,
+    lse: RawArray | None,
+) -> np.ndarray:
+    """The merge kernel's argument: outputs 4-D (batch, seqlen, heads, dim), lse 3-D
+    (batch, heads, seqlen)."""
+    params = np.zeros(1, MERGE_DTYPE)
+    p = params[0]
+    for name, raw in (
+        ("out_a", out_a),
+        ("lse_a", lse_a),
+        ("out_b", out_b),
+        ("lse_b", lse_b),
+        ("out", out),
+        ("lse", lse),
+    ):
+        p[name] = raw.ptr if raw is not None else 0
+    for name, raw in (("out_a", out_a), ("out_b", out_b), ("out", out)):
+        for axis, stride in zip(("batch", "row", "head"), raw.strides[:3], strict=True):
+            p[f"{name}_{axis}_stride"] = stride
+    for name, raw in (("lse_a", lse_a), ("lse_b", lse_b), ("lse", lse)):
+        if raw is not None:
+            for axis, stride in zip(("batch", "head", "row"), raw.strides, strict=True):
+                p[f"{name}_{axis}_stride"] = stride
+    p["batch"], p["seqlen"], p["heads"], p["head_dim"] = out.shape
+    return params

@@ -56,6 +56,7 @@ class ForwardKernel:
     softcap: bool
 
     source = "fwd.cu"
+    params_type = "cuattn::AttentionParams"
 
     @property
     def tensor_cores(self) -> bool:
@@ -111,17 +112,49 @@ class ForwardKernel:
 def forward_kernel(spec: AttentionSpec) -> ForwardKernel:
     """The instantiation that computes ``spec``."""
     windowed = spec.window_left >= 0 or spec.window_right >= 0
-    dtype = "bfloat16" if spec.dtype == BFLOAT16 else spec.dtype.name
-    return ForwardKernel(dtype, padded_head_dim(spec.head_dim), windowed, spec.softcap > 0)
+    return ForwardKernel(
+        dtype_name(spec.dtype), padded_head_dim(spec.head_dim), windowed, spec.softcap > 0
+    )
+
+
+@dataclass(frozen=True)
+class MergeKernel:
+    """The kernel that merges two attention states by their lse (combine.cu)."""
+
+    dtype: str
+
+    source = "combine.cu"
+    params_type = "cuattn::MergeParams"
+    threads = 128
+    rows_per_block = 4  # a warp per (batch, row, head)
+    shared_bytes = 0
+
+    @property
+    def name(self) -> str:
+        return f"merge_{_SHORT[self.dtype]}"
+
+    @property
+    def expression(self) -> str:
+        return f"cuattn::merge_states<{_DTYPE_NAMES[self.dtype]}>"
+
+    def grid(self, rows: int) -> tuple[int, int, int]:
+        return (-(-rows // self.rows_per_block), 1, 1)
+
+
+def dtype_name(dtype) -> str:
+    """ "float16", "bfloat16" or "float32"."""
+    return "bfloat16" if dtype == BFLOAT16 else dtype.name
 
 
 @functools.cache
-def all_kernels() -> tuple[ForwardKernel, ...]:
+def all_kernels() -> tuple[ForwardKernel | MergeKernel, ...]:
     """Every instantiation cuattn can launch."""
-    return tuple(
+    dtypes = ("float16", "bfloat16", "float32")
+    forward = tuple(
         ForwardKernel(dtype, head_dim, windowed, softcap)
-        for dtype in ("float16", "bfloat16", "float32")
+        for dtype in dtypes
         for head_dim in HEAD_DIMS
         for windowed in (False, True)
         for softcap in (False, True)
     )
+    return forward + tuple(MergeKernel(dtype) for dtype in dtypes)

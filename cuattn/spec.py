@@ -418,3 +418,34 @@ def kvcache_sequences(
     table[:, 2] = seqlen_q
     table[:, 4] = cache_seqlens.astype(np.int64) + new_tokens
     return Sequences("kvcache", table, new_tokens, lengths or {})
+
+
+def check_merge(raw: dict[str, RawArray]) -> None:
+    """Validate ``merge_attention_states``: outputs (B, S, H, D) with lse (B, H, S), or packed
+    outputs (total, H, D) with lse (H, total); lse float32."""
+    out_a, lse_a, out_b, lse_b = raw["out_a"], raw["lse_a"], raw["out_b"], raw["lse_b"]
+    if out_a.ndim not in (3, 4):
+        raise ValueError(
+            f"out_a: expected (batch, seqlen, heads, head_dim) or (total, heads, head_dim), "
+            f"got shape {_shape_text(out_a.shape)}"
+        )
+    for name, array in (("out_a", out_a), ("out_b", out_b)):
+        _check_float(name, array)
+        _check_last_dim_contiguous(name, array)
+    if out_b.shape != out_a.shape:
+        raise ValueError(
+            f"out_b: shape must equal out_a's {_shape_text(out_a.shape)}, "
+            f"got {_shape_text(out_b.shape)}"
+        )
+    if out_b.dtype != out_a.dtype:
+        raise TypeError(f"out_b: dtype must match out_a's {out_a.dtype}, got {out_b.dtype}")
+    *leading, heads, _ = out_a.shape
+    want = (heads, leading[0]) if out_a.ndim == 3 else (leading[0], heads, leading[1])
+    for name, array in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if array.shape != want:
+            raise ValueError(
+                f"{name}: expected shape {_shape_text(want)} to match the outputs, "
+                f"got {_shape_text(array.shape)}"
+            )
+        if array.dtype != np.float32:
+            raise TypeError(f"{name}: dtype must be float32, got {array.dtype}")

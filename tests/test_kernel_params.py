@@ -1,4 +1,4 @@
-"""cuattn/kernel_params.py lays out kernels/params.cuh's struct byte for byte."""
+"""cuattn/kernel_params.py lays out the kernels' argument structs byte for byte."""
 
 from __future__ import annotations
 
@@ -7,25 +7,33 @@ import subprocess
 import pytest
 
 from cuattn.backends.emulate import compiler
-from cuattn.kernel_params import FIELDS, PARAMS_DTYPE
+from cuattn.kernel_params import FIELDS, MERGE_DTYPE, MERGE_FIELDS, PARAMS_DTYPE
 from cuattn.kernels import kernel_dir
 
+STRUCTS = {
+    "AttentionParams": ("params.cuh", FIELDS, PARAMS_DTYPE),
+    "MergeParams": ("combine.cu", MERGE_FIELDS, MERGE_DTYPE),
+}
 
-def test_python_layout_matches_the_header(tmp_path):
+
+@pytest.mark.parametrize("struct", sorted(STRUCTS))
+def test_python_layout_matches_the_header(tmp_path, struct):
     cxx = compiler()
     if cxx is None:
         pytest.skip("no C++ compiler")
+    header, fields, dtype = STRUCTS[struct]
     prints = "\n".join(
-        f'    std::printf("{name} %zu\\n", offsetof(cuattn::AttentionParams, {name}));'
-        for name, _ in FIELDS
+        f'    std::printf("{name} %zu\\n", offsetof(cuattn::{struct}, {name}));'
+        for name, _ in fields
     )
     program = tmp_path / "layout.cpp"
     program.write_text(f"""#include <cstddef>
 #include <cstdio>
-#include "params.cuh"
+#include "platform.cuh"
+#include "{header}"
 int main() {{
 {prints}
-    std::printf("sizeof %zu\\n", sizeof(cuattn::AttentionParams));
+    std::printf("sizeof %zu\\n", sizeof(cuattn::{struct}));
 }}
 """)
     subprocess.run(
@@ -39,7 +47,7 @@ int main() {{
     offsets = dict(line.split() for line in output.splitlines())
     # Every Python field exists in the header (or the program would not compile) at the same
     # offset, and the sizes agree, so the header has no field Python lacks.
-    assert int(offsets.pop("sizeof")) == PARAMS_DTYPE.itemsize
+    assert int(offsets.pop("sizeof")) == dtype.itemsize
     assert {name: int(offset) for name, offset in offsets.items()} == {
-        name: PARAMS_DTYPE.fields[name][1] for name, _ in FIELDS
+        name: dtype.fields[name][1] for name, _ in fields
     }

@@ -16,8 +16,8 @@ from .. import nvrtc
 from ..cache import cached_file, digest
 from ..dlpack import RawArray
 from ..interop import as_cupy
-from ..kernel_params import attention_params
-from ..kernels import ForwardKernel, forward_kernel, kernel_dir
+from ..kernel_params import attention_params, merge_params
+from ..kernels import ForwardKernel, MergeKernel, dtype_name, forward_kernel, kernel_dir
 from ..spec import AttentionSpec, Sequences
 
 # Dynamic shared memory past this needs the kernel's opt-in attribute.
@@ -65,7 +65,7 @@ class CudaBackend:
         )
 
     @staticmethod
-    def _compiled(kernel: ForwardKernel, arch: str) -> tuple[str, str]:
+    def _compiled(kernel: ForwardKernel | MergeKernel, arch: str) -> tuple[str, str]:
         """(cubin path, mangled kernel name), compiled on a miss of the disk cache."""
         sources = [p.read_bytes() for p in sorted(kernel_dir().glob("*.cu*"))]
         stem = digest(
@@ -85,7 +85,7 @@ class CudaBackend:
         cubin = cached_file("cuda", f"{stem}.cubin", compile_to)
         return str(cubin), cubin.with_suffix(".name").read_text()
 
-    def _function(self, kernel: ForwardKernel, device_id: int):
+    def _function(self, kernel: ForwardKernel | MergeKernel, device_id: int):
         """The loaded kernel for ``device_id``: compiled or read from disk once per process."""
         key = (kernel.name, device_id)
         with self._lock:
@@ -145,6 +145,19 @@ class CudaBackend:
                 (kernel.threads, 1, 1),
                 (params,),
                 shared_mem=kernel.shared_bytes,
+                stream=cupy.cuda.ExternalStream(stream),
+            )
+
+    def merge(self, out_a, lse_a, out_b, lse_b, out, lse, stream=None) -> None:
+        cupy = _cupy()
+        kernel = MergeKernel(dtype_name(out.dtype))
+        rows = out.shape[0] * out.shape[1] * out.shape[2]
+        with cupy.cuda.Device(out.device.index):
+            function = self._function(kernel, out.device.index)
+            function(
+                kernel.grid(rows),
+                (kernel.threads, 1, 1),
+                (merge_params(out_a, lse_a, out_b, lse_b, out, lse),),
                 stream=cupy.cuda.ExternalStream(stream),
             )
 

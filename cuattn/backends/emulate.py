@@ -29,8 +29,8 @@ import numpy as np
 
 from ..cache import cached_file, digest
 from ..dlpack import RawArray
-from ..kernel_params import attention_params
-from ..kernels import forward_kernel, kernel_dir
+from ..kernel_params import attention_params, merge_params
+from ..kernels import MergeKernel, dtype_name, forward_kernel, kernel_dir
 from ..spec import AttentionSpec, Sequences
 from . import host
 
@@ -380,6 +380,30 @@ class EmulateBackend:
             (kernel.threads, 1, 1),
             kernel.shared_bytes,
             {name: raw for name, raw in arrays.items() if raw is not None},
+            {"out", "lse"},
+        )
+
+    def merge(self, out_a, lse_a, out_b, lse_b, out, lse, stream=None) -> None:
+        kernel = MergeKernel(dtype_name(out.dtype))
+        entry = LibraryKernel(kernel.name, kernel.expression, kernel.params_type)
+        rows = out.shape[0] * out.shape[1] * out.shape[2]
+        arrays = {
+            "out_a": out_a,
+            "lse_a": lse_a,
+            "out_b": out_b,
+            "lse_b": lse_b,
+            "out": out,
+            "lse": lse,
+        }
+        self.run_kernel(
+            (kernel.source,),
+            (entry,),
+            kernel.name,
+            merge_params(out_a, lse_a, out_b, lse_b, out, lse),
+            kernel.grid(rows),
+            (kernel.threads, 1, 1),
+            kernel.shared_bytes,
+            arrays,
             {"out", "lse"},
         )
 

@@ -104,6 +104,9 @@ class CpuBackend:
                 numba.get_num_threads(),
             )
 
+    def merge(self, out_a, lse_a, out_b, lse_b, out, lse, stream=None) -> None:
+        host.merge(out_a, lse_a, out_b, lse_b, out, lse)
+
     def append_kv(
         self,
         k_cache: RawArray,

@@ -1,0 +1,97 @@
+"""cuattn.KVCache: plain and rolling caches against attention over the whole history."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuattn
+
+from .helpers import assert_close, random_array
+from .oracle import attention_oracle
+
+HEADS_Q, HEADS_KV, DIM = 4, 2, 32
+
+
+def _steps(rng, steps, dtype=np.float32):
+    q = random_array(rng, (2, steps, HEADS_Q, DIM), dtype)
+    k = random_array(rng, (2, steps, HEADS_KV, DIM), dtype)
+    v = random_array(rng, (2, steps, HEADS_KV, DIM), dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emulate", marks=pytest.mark.emulate)])
+def test_plain_cache_decodes_like_attention_over_the_prefix(rng, backend):
+    q, k, v = _steps(rng, 40)
+    cache = cuattn.KVCache(2, HEADS_KV, DIM, capacity=64, dtype="float32")
+    prompt = 25
+    out = cache.attend(q[:, :prompt], k[:, :prompt], v[:, :prompt], backend=backend)
+    assert_close(
+        out,
+        attention_oracle(q[:, :prompt], k[:, :prompt], v[:, :prompt], causal=True)[0],
+        np.float32,
+    )
+    for t in range(prompt, 40):
+        out = cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], backend=backend)
+        expected, _ = attention_oracle(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], causal=True)
+        assert_close(out, expected, np.float32)
+    assert cache.lengths.tolist() == [40, 40]
+    with pytest.raises(
+        ValueError, match="cache_seqlens: sequence 0 holds 40 tokens and 30 new ones"
+    ):
+        cache.attend(*_steps(rng, 30), backend=backend)
+    assert cache.lengths.tolist() == [40, 40]
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emulate", marks=pytest.mark.emulate)])
+@pytest.mark.parametrize(
+    "prompt", [0, 10, 37], ids=["no-prompt", "short-prompt", "prompt-past-window"]
+)
+def test_rolling_cache_keeps_sinks_and_window_in_bounded_memory(rng, backend, prompt):
+    window, sinks, steps = 16, 3, 60
+    q, k, v = _steps(rng, steps)
+    cache = cuattn.KVCache(2, HEADS_KV, DIM, dtype="float32", window=window, sink_tokens=sinks)
+    assert cache.k.shape == (2, sinks + window, HEADS_KV, DIM)
+    mask = dict(causal=True, window=(window - 1, 0), sink_tokens=sinks)
+    if prompt:
+        out = cache.attend(q[:, :prompt], k[:, :prompt], v[:, :prompt], backend=backend)
+        assert_close(
+            out,
+            attention_oracle(q[:, :prompt], k[:, :prompt], v[:, :prompt], **mask)[0],
+            np.float32,
+        )
+    for t in range(prompt, steps):
+        out = cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], backend=backend)
+        expected, _ = attention_oracle(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **mask)
+        assert_close(out, expected, np.float32)
+    assert cache.k.shape == (2, sinks + window, HEADS_KV, DIM)  # memory did not grow
+    assert cache.lengths.tolist() == [steps, steps]
+
+
+def test_torch_cache_stays_in_torch(rng):
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.from_numpy(a) for a in _steps(rng, 5))
+    cache = cuattn.KVCache(2, HEADS_KV, DIM, capacity=8, dtype="bfloat16", like=q)
+    assert isinstance(cache.k, torch.Tensor) and cache.k.dtype == torch.bfloat16
+    out = cache.attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5, HEADS_Q, DIM)
+
+
+def test_rolling_cache_refuses_chunks_once_filled(rng):
+    cache = cuattn.KVCache(2, HEADS_KV, DIM, dtype="float32", window=8)
+    cache.attend(*_steps(rng, 3))
+    with pytest.raises(
+        NotImplementedError, match="k_new: a rolling cache takes one token per step"
+    ):
+        cache.attend(*_steps(rng, 2))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="capacity: a plain cache needs a capacity"):
+        cuattn.KVCache(1, 2, 32)
+    with pytest.raises(
+        ValueError, match="capacity: a rolling cache holds sink_tokens \\+ window = 12"
+    ):
+        cuattn.KVCache(1, 2, 32, capacity=10, window=8, sink_tokens=4)
+    with pytest.raises(TypeError, match="dtype: must be float16, bfloat16 or float32, got float64"):
+        cuattn.KVCache(1, 2, 32, capacity=8, dtype="float64")

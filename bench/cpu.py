@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from .plot import plot
 from .report import environment, table, write
 from .timing import attention_flops, time_host
 
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
     env = environment()
     name = f"cpu-{env['date'][:10]}"
     path = write(name, dict(environment=env, throughput=speed, memory=memory), args.out)
+    plot(path)
     path.with_suffix(".md").write_text(
         f"# CPU backend, {env['date'][:10]}, {env['cpu']} ({env['cpu_count']} cores), "
         f"commit {env['git_commit']}\n\n" + speed_table + "\n\n" + memory_table + "\n"

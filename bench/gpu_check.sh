@@ -32,10 +32,12 @@ if command -v compute-sanitizer >/dev/null; then
 else
     echo "compute-sanitizer not found: skipped"
 fi
-step bench-prefill python3 -m cuattn bench prefill ${QUICK:+--quick} --out "$OUT"
+for bench in prefill decode memory; do
+    step "bench-$bench" python3 -m cuattn bench "$bench" ${QUICK:+--quick} --out "$OUT"
+done
 cp "$OUT"/*.json "$OUT"/*.md bench/results/ 2>/dev/null
 
 echo
 echo "== results"
-for f in "$OUT"/prefill-*.md; do [ -f "$f" ] && cat "$f"; done
+for f in "$OUT"/prefill-*.md "$OUT"/decode-*.md "$OUT"/memory-*.md; do [ -f "$f" ] && cat "$f"; done
 exit $status

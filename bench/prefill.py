@@ -15,7 +15,8 @@ import argparse
 import math
 import sys
 
-from .report import environment, table, write
+from .plot import plot
+from .report import environment, progress, table, write
 from .timing import attention_flops
 
 TOKENS = 16384
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         for head_dim in head_dims:
             heads = MODEL_DIM // head_dim
-            for seqlen in seqlens:
+            for seqlen in progress(seqlens, f"{dtype} D={head_dim}"):
                 batch = TOKENS // seqlen
                 inputs = [
                     [
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     ]
     text = table(rows, columns)
     path = write(stem, dict(environment=env, rows=rows), args.out)
+    plot(path)
     path.with_suffix(".md").write_text(
         f"# Prefill, {name}, driver {driver}, {env['date'][:10]}, "
         f"commit {env['git_commit']}\n\n{text}\n"

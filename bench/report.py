@@ -84,3 +84,13 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(str(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def progress(items, description: str):
+    """``items`` with a progress bar when tqdm is installed (long GPU sweeps)."""
+    items = list(items)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, leave=False)

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     demo_parser = commands.add_parser("demo", help="run attention on the best backend and check it")
     demo_parser.add_argument("--seqlen", type=int, default=1024)
     bench_parser = commands.add_parser("bench", help="run a benchmark (see bench/)")
-    bench_parser.add_argument("name", choices=["cpu", "prefill"])
+    bench_parser.add_argument("name", choices=["cpu", "prefill", "decode", "memory"])
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     args = parser.parse_args(argv)
     return {"info": info, "demo": demo, "bench": bench}[args.command](args)

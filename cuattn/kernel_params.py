@@ -16,7 +16,10 @@ from .spec import AttentionSpec, Sequences
 LOG2E = 1.0 / math.log(2.0)
 
 # Field order and C types of struct AttentionParams, in params.cuh's order.
-_POINTERS = ("q", "k", "v", "out", "lse", "sinks", "cu_seqlens_q", "cu_seqlens_k", "cache_seqlens")
+_POINTERS = (
+    "q", "k", "v", "out", "lse", "sinks", "cu_seqlens_q", "cu_seqlens_k", "cache_seqlens",
+    "split_out", "split_lse",
+)  # fmt: skip
 _INT64S = (
     "q_batch_stride", "q_row_stride", "q_head_stride",
     "k_batch_stride", "k_row_stride", "k_head_stride",
@@ -25,6 +28,7 @@ _INT64S = (
     "lse_batch_stride", "lse_head_stride",
     "batch", "seqlen_q", "seqlen_k", "num_heads_q", "num_heads_kv", "head_dim",
     "new_tokens", "window_left", "window_right", "sink_tokens", "vector_loads",
+    "num_splits", "split_rows",
 )  # fmt: skip
 _FLOATS = ("score_scale", "softcap_log2")
 FIELDS = (
@@ -98,6 +102,9 @@ def attention_params(
     p["window_left"], p["window_right"] = spec.window_left, spec.window_right
     p["sink_tokens"] = spec.sink_tokens
     p["vector_loads"] = int(all(_aligned_16(raw) for raw in (q, k, v)))
+    # One split unless a backend plans more (and gives split_out / split_lse).
+    p["num_splits"] = 1
+    p["split_rows"] = q.shape[0] * q.shape[1]
     if spec.softcap > 0:
         p["score_scale"] = spec.scale / spec.softcap
         p["softcap_log2"] = spec.softcap * LOG2E

@@ -10,11 +10,11 @@ if launched with less shared memory than their tiles need.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .dlpack import BFLOAT16
-from .spec import AttentionSpec
+from .spec import AttentionSpec, Sequences
 
 # Head dims the kernels are compiled for; a call's head dim rounds up to the next one and
 # the padding columns are zero in shared memory (and skipped by the k16 loops).
@@ -54,6 +54,8 @@ class ForwardKernel:
     head_dim: int  # one of HEAD_DIMS
     windowed: bool  # any causal / window / sink-token mask
     softcap: bool
+    # Grouped-query packing: a block takes all query heads of one KV head (tensor cores only).
+    pack_gqa: bool = False
 
     source = "fwd.cu"
     params_type = "cuattn::AttentionParams"
@@ -72,6 +74,10 @@ class ForwardKernel:
         return self.tile[0]
 
     @property
+    def block_n(self) -> int:
+        return self.tile[1]
+
+    @property
     def threads(self) -> int:
         return self.tile[2] * 32
 
@@ -87,7 +93,15 @@ class ForwardKernel:
     @property
     def name(self) -> str:
         """A key naming every parameter, usable as a C identifier."""
-        flags = ("_windowed" if self.windowed else "") + ("_softcap" if self.softcap else "")
+        flags = "".join(
+            suffix
+            for on, suffix in (
+                (self.windowed, "_windowed"),
+                (self.softcap, "_softcap"),
+                (self.pack_gqa, "_packed"),
+            )
+            if on
+        )
         return f"forward_{_SHORT[self.dtype]}_d{self.head_dim}{flags}"
 
     @property
@@ -98,22 +112,101 @@ class ForwardKernel:
         if self.tensor_cores:
             return (
                 f"cuattn::flash_forward<{_DTYPE_NAMES[self.dtype]}, {self.head_dim}, {block_m}, "
-                f"{block_n}, {warps}, {flags}>"
+                f"{block_n}, {warps}, {flags}, {str(self.pack_gqa).lower()}>"
             )
+        assert not self.pack_gqa, "the SIMT kernel does not pack query heads"
         return f"cuattn::flash_forward_simt<{self.head_dim}, {block_m}, {block_n}, {flags}>"
 
-    def grid(
-        self, max_query_len: int, num_heads_q: int, num_sequences: int
-    ) -> tuple[int, int, int]:
-        """Blocks: query tiles of the longest sequence x query heads x sequences."""
-        return (-(-max_query_len // self.block_m), num_heads_q, num_sequences)
+    def variants(self) -> tuple[ForwardKernel, ...]:
+        """This kernel's siblings that differ only in flags (they build together)."""
+        packing = (False, True) if self.tensor_cores else (False,)
+        return tuple(
+            replace(self, windowed=w, softcap=s, pack_gqa=p)
+            for w in (False, True)
+            for s in (False, True)
+            for p in packing
+        )
 
 
-def forward_kernel(spec: AttentionSpec) -> ForwardKernel:
+def forward_kernel(spec: AttentionSpec, pack_gqa: bool = False) -> ForwardKernel:
     """The instantiation that computes ``spec``."""
     windowed = spec.window_left >= 0 or spec.window_right >= 0
     return ForwardKernel(
-        dtype_name(spec.dtype), padded_head_dim(spec.head_dim), windowed, spec.softcap > 0
+        dtype_name(spec.dtype), padded_head_dim(spec.head_dim), windowed, spec.softcap > 0, pack_gqa
+    )
+
+
+@dataclass(frozen=True)
+class CombineKernel:
+    """Split-KV's second kernel: merges the splits' states (combine.cu)."""
+
+    dtype: str
+
+    source = "combine.cu"
+    params_type = "cuattn::AttentionParams"
+    threads = 128
+    shared_bytes = 0
+
+    @property
+    def name(self) -> str:
+        return f"combine_{_SHORT[self.dtype]}"
+
+    @property
+    def expression(self) -> str:
+        return f"cuattn::combine_splits<{_DTYPE_NAMES[self.dtype]}>"
+
+    def grid(self, rows: int, heads: int) -> tuple[int, int, int]:
+        return (-(-(rows * heads) // 4), 1, 1)  # a warp per (row, head)
+
+
+# Grid dimensions y and z may not exceed this on any CUDA device.
+MAX_GRID_YZ = 65535
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How one call runs: the kernel, its grid, and how many splits of the keys."""
+
+    kernel: ForwardKernel
+    grid: tuple[int, int, int]
+    num_splits: int
+    split_rows: int  # output rows (batch entries x seqlen) a split's workspace holds
+
+    @property
+    def combine(self) -> CombineKernel:
+        return CombineKernel(self.kernel.dtype)
+
+
+def plan_forward(
+    spec: AttentionSpec, sequences: Sequences, q_shape: tuple[int, ...], multiprocessors: int
+) -> ForwardPlan:
+    """Choose packing and the split count from the shapes and the GPU's multiprocessors.
+
+    Few query rows per KV head (decoding) pack the query heads of a group into one block, so
+    K and V are read once per group. When even then the blocks cannot fill the GPU and the
+    keys are many, the keys are split (flash-decoding): each split is a block of its own,
+    and a second small kernel merges the splits by their lse.
+    """
+    group = spec.num_heads_q // spec.num_heads_kv
+    unpacked = forward_kernel(spec)
+    pack = unpacked.tensor_cores and group > 1 and sequences.max_query_len < unpacked.block_m
+    kernel = forward_kernel(spec, pack_gqa=pack)
+    rows = sequences.max_query_len * (group if pack else 1)
+    heads = spec.num_heads_kv if pack else spec.num_heads_q
+    sequences_count = len(sequences.table)
+    grid = (-(-rows // kernel.block_m), heads, sequences_count)
+    blocks = grid[0] * grid[1] * grid[2]
+    max_keys = int(sequences.table[:, 4].max()) if sequences_count else 0
+    key_tiles = -(-max_keys // kernel.block_n)
+    splits = 1
+    if blocks and blocks < multiprocessors and key_tiles >= 4:
+        # Two blocks per multiprocessor, each split at least two tiles long.
+        splits = max(1, min(2 * multiprocessors // blocks, key_tiles // 2, MAX_SPLITS))
+    # spec.py keeps heads and sequences within the grid's limit; splits must stay within it too.
+    splits = min(splits, MAX_GRID_YZ // max(sequences_count, 1))
+    return ForwardPlan(
+        kernel, (grid[0], heads, sequences_count * splits), splits, q_shape[0] * q_shape[1]
     )
 
 
@@ -147,14 +240,15 @@ def dtype_name(dtype) -> str:
 
 
 @functools.cache
-def all_kernels() -> tuple[ForwardKernel | MergeKernel, ...]:
+def all_kernels() -> tuple[ForwardKernel | CombineKernel | MergeKernel, ...]:
     """Every instantiation cuattn can launch."""
     dtypes = ("float16", "bfloat16", "float32")
     forward = tuple(
-        ForwardKernel(dtype, head_dim, windowed, softcap)
+        variant
         for dtype in dtypes
         for head_dim in HEAD_DIMS
-        for windowed in (False, True)
-        for softcap in (False, True)
+        for variant in ForwardKernel(dtype, head_dim, False, False).variants()
     )
-    return forward + tuple(MergeKernel(dtype) for dtype in dtypes)
+    return forward + tuple(
+        kernel(dtype) for kernel in (CombineKernel, MergeKernel) for dtype in dtypes
+    )

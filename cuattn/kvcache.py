@@ -24,7 +24,7 @@ class KVCache:
     Args:
         batch, num_heads_kv, head_dim: the cache's shape (batch, capacity, num_heads_kv, head_dim).
         capacity: positions per sequence (plain mode).
-        dtype: "float16", "bfloat16" or "float32".
+        dtype: "float16", "bfloat16" or "float32"; by default that of ``like`` (float16 without).
         like: an array of the framework and device to allocate on (NumPy when None).
         window, sink_tokens: rolling mode: keep the first ``sink_tokens`` tokens and the last
             ``window`` ones (the token itself included); ``capacity`` is then sink_tokens + window.
@@ -46,7 +46,7 @@ class KVCache:
         head_dim: int,
         capacity: int | None = None,
         *,
-        dtype="float16",
+        dtype=None,
         like=None,
         window: int | None = None,
         sink_tokens: int = 0,
@@ -70,17 +70,19 @@ class KVCache:
                     f"{self.sink_tokens + self.window} positions, got {capacity}"
                 )
             capacity = self.sink_tokens + self.window
-        dtype = BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype: must be float16, bfloat16 or float32, got {dtype}")
         template = interop.import_arrays(
-            {"like": like if like is not None else np.zeros(1, np.float32)}
+            {"like": like if like is not None else np.zeros(1, np.float16)}
         )
         if template.framework == "jax":
             raise TypeError(
                 "like: JAX arrays are immutable and a KV cache is written in place; "
                 "allocate it with NumPy, CuPy or PyTorch"
             )
+        if dtype is None:
+            dtype = template.raw["like"].dtype
+        dtype = BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: must be float16, bfloat16 or float32, got {dtype}")
         shape = (batch, capacity, num_heads_kv, head_dim)
         self.k = _zeros(template, shape, dtype)
         self.v = _zeros(template, shape, dtype)

@@ -131,6 +131,18 @@ def _check_qkv(q: RawArray, k: RawArray, v: RawArray, kv_names=("k", "v")) -> No
     _check_heads(q.shape[-2], k.shape[-2])
 
 
+# A GPU grid has at most this many blocks along y (heads) and z (sequences); the limit holds
+# on every backend so that a call never depends on where it runs.
+MAX_HEADS_OR_SEQUENCES = 65535
+
+
+def _check_grid(batch: int, num_heads_q: int) -> None:
+    if num_heads_q > MAX_HEADS_OR_SEQUENCES:
+        raise ValueError(f"q: at most {MAX_HEADS_OR_SEQUENCES} heads, got {num_heads_q}")
+    if batch > MAX_HEADS_OR_SEQUENCES:
+        raise ValueError(f"q: at most {MAX_HEADS_OR_SEQUENCES} sequences per call, got {batch}")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -191,6 +203,7 @@ def attention_spec(raw: dict[str, RawArray], options: MaskOptions) -> AttentionS
         _check_ndim(name, array, 4, layout)
     _check_qkv(q, k, v)
     batch, seqlen_q, num_heads_q, head_dim = q.shape
+    _check_grid(batch, num_heads_q)
     return AttentionSpec(
         batch=batch,
         seqlen_q=seqlen_q,
@@ -280,6 +293,7 @@ def varlen_spec(
             f"got {cu_seqlens_k.shape[0]}"
         )
     _, num_heads_q, head_dim = q.shape
+    _check_grid(cu_seqlens_q.shape[0] - 1, num_heads_q)
     return AttentionSpec(
         batch=cu_seqlens_q.shape[0] - 1,
         seqlen_q=max_seqlen_q,
@@ -353,6 +367,7 @@ def kvcache_spec(
             "nothing was written"
         )
     num_heads_q = q.shape[2]
+    _check_grid(batch, num_heads_q)
     return AttentionSpec(
         batch=batch,
         seqlen_q=q.shape[1],

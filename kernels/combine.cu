@@ -4,6 +4,7 @@
 // which is how split-KV decoding joins its pieces and what merge_attention_states offers
 // users (cache pieces on several devices, prefix caching).
 #include "numeric.cuh"
+#include "params.cuh"
 
 namespace cuattn {
 
@@ -41,9 +42,10 @@ struct MergeWeights {
 template <class Element>
 __global__ void __launch_bounds__(128) merge_states(const MergeParams p) {
     using Traits = ElementTraits<Element>;
-    const int64 index = int64(blockIdx.x) * 4 + threadIdx.x / 32;
+    const unsigned index = blockIdx.x * 4 + threadIdx.x / 32;
     if (index >= p.batch * p.seqlen * p.heads) return;
-    const int64 head = index % p.heads, row = index / p.heads % p.seqlen, b = index / (p.heads * p.seqlen);
+    const unsigned heads = unsigned(p.heads), seqlen = unsigned(p.seqlen);
+    const int64 head = index % heads, row = index / heads % seqlen, b = index / heads / seqlen;
     const MergeWeights w = MergeWeights::of(p.lse_a[b * p.lse_a_batch_stride + head * p.lse_a_head_stride +
                                                     row * p.lse_a_row_stride],
                                             p.lse_b[b * p.lse_b_batch_stride + head * p.lse_b_head_stride +
@@ -59,6 +61,41 @@ __global__ void __launch_bounds__(128) merge_states(const MergeParams p) {
     }
     if (p.lse != nullptr && threadIdx.x % 32 == 0) {
         p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + row * p.lse_row_stride] = w.lse;
+    }
+}
+
+// Split-KV's second step: each (output row, head) merges the num_splits states that the
+// forward kernel left in the workspace (params.cuh: split_out, split_lse), and writes the
+// result where an unsplit launch would have. One warp per (row, head).
+template <class Element>
+__global__ void __launch_bounds__(128) combine_splits(const AttentionParams p) {
+    using Traits = ElementTraits<Element>;
+    const unsigned index = blockIdx.x * 4 + threadIdx.x / 32;
+    if (index >= p.split_rows * p.num_heads_q) return;
+    const int lane = int(threadIdx.x % 32);
+    const unsigned heads = unsigned(p.num_heads_q);
+    const int64 head = index % heads, row = index / heads;
+    const int64 slots = p.split_rows * p.num_heads_q;  // slot of (split s, row, head): s * slots + index
+    float top = negative_infinity();
+    for (int64 s = 0; s < p.num_splits; ++s) top = fmaxf(top, p.split_lse[s * slots + index]);
+    float total = 0.0f;
+    for (int64 s = 0; s < p.num_splits; ++s) {
+        total += top == negative_infinity() ? 0.0f : __expf(p.split_lse[s * slots + index] - top);
+    }
+    const int64 b = unsigned(row) / unsigned(p.seqlen_q), token = unsigned(row) % unsigned(p.seqlen_q);
+    Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + token * p.out_row_stride +
+                   head * p.out_head_stride;
+    for (int64 d = lane; d < p.head_dim; d += 32) {
+        float value = 0.0f;
+        for (int64 s = 0; s < p.num_splits && total > 0.0f; ++s) {
+            const float weight = __expf(p.split_lse[s * slots + index] - top) / total;
+            value += weight * p.split_out[(s * slots + index) * p.head_dim + d];
+        }
+        out[d] = Traits::from_float(value);
+    }
+    if (p.lse != nullptr && lane == 0) {
+        p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + token] =
+            total > 0.0f ? top + __logf(total) : negative_infinity();
     }
 }
 

@@ -61,17 +61,113 @@ __device__ __forceinline__ void mma_into(float (&acc)[ROWS][COLS], int row_tile,
     }
 }
 
-template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool WINDOWED, bool SOFTCAP>
-__global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParams params) {
+// The part of the problem one block owns: a run of query rows of one sequence, of one
+// query head (or, packed, of all the query heads of one KV head), over one split of the
+// sequence's key tiles.
+struct BlockWork {
+    SequenceInfo seq;
+    int64 split;
+    int64 first_row;  // the tile's first row: a token, or with packing a (token, head) pair
+    int rows;         // valid rows in the tile
+    int group;        // query heads stacked per token (1 without packing)
+    int first_head;   // the query head of row 0's group
+    int kv_head;
+    KeyTiles tiles;
+    int64 tile_begin, tile_end;  // this split's share of `tiles`
+
+    __device__ __forceinline__ int64 token(int r) const { return unsigned(first_row + r) / unsigned(group); }
+    __device__ __forceinline__ int head(int r) const {
+        return first_head + int(unsigned(first_row + r) % unsigned(group));
+    }
+    // Offsets of tile rows in a (token, head) strided tensor, from its (token 0, first_head).
+    __device__ __forceinline__ PackedRows rows_in(int64 token_stride, int64 head_stride) const {
+        return PackedRows{token_stride, head_stride, first_row, group};
+    }
+
+    // Fills in this block's work; false when the block has none (the grid covers the longest
+    // sequence).
+    __device__ __forceinline__ bool plan(const AttentionParams& p, bool pack_gqa, int block_m, int block_n) {
+        const int64 splits = p.num_splits;
+        split = blockIdx.z % unsigned(splits);
+        seq = SequenceInfo::of(p, blockIdx.z / unsigned(splits));
+        const int heads_per_kv = int(p.num_heads_q / p.num_heads_kv);
+        group = pack_gqa ? heads_per_kv : 1;
+        kv_head = pack_gqa ? int(blockIdx.y) : int(blockIdx.y) / heads_per_kv;
+        first_head = pack_gqa ? int(blockIdx.y) * heads_per_kv : int(blockIdx.y);
+        const int64 total_rows = seq.q_len * group;
+        first_row = int64(blockIdx.x) * block_m;
+        if (first_row >= total_rows) return false;
+        rows = int(total_rows - first_row < block_m ? total_rows - first_row : block_m);
+        tiles = Mask(p, seq).tiles(token(0), token(rows - 1), block_n);
+        const int64 per_split = unsigned(tiles.count + splits - 1) / unsigned(splits);
+        tile_begin = split * per_split < tiles.count ? split * per_split : tiles.count;
+        tile_end = tile_begin + per_split < tiles.count ? tile_begin + per_split : tiles.count;
+        return true;
+    }
+
+    template <class Element>
+    __device__ __forceinline__ const Element* q(const AttentionParams& p) const {
+        return static_cast<const Element*>(p.q) + seq.batch_index * p.q_batch_stride + seq.q_start * p.q_row_stride +
+               first_head * p.q_head_stride;
+    }
+    template <class Element>
+    __device__ __forceinline__ const Element* kv(const void* base, int64 batch_stride, int64 row_stride,
+                                                 int64 head_stride) const {
+        return static_cast<const Element*>(base) + seq.batch_index * batch_stride + seq.k_start * row_stride +
+               kv_head * head_stride;
+    }
+};
+
+// Where a finished row goes: into the output (normalized, in its element type) with its
+// lse, or under split-KV into this split's float32 slot of the workspace.
+template <class Element>
+struct RowOutput {
+    Element* out = nullptr;
+    float* partial = nullptr;
+    float* lse = nullptr;
+
+    __device__ __forceinline__ RowOutput(const AttentionParams& p, const BlockWork& w, int r) {
+        const int64 token = w.token(r);
+        const int head = w.head(r);
+        if (p.num_splits > 1) {
+            const int64 row = w.seq.batch_index * p.seqlen_q + w.seq.q_start + token;
+            const int64 slot = (w.split * p.split_rows + row) * p.num_heads_q + head;
+            partial = p.split_out + slot * p.head_dim;
+            lse = p.split_lse + slot;
+        } else {
+            out = static_cast<Element*>(p.out) + w.seq.batch_index * p.out_batch_stride +
+                  (w.seq.q_start + token) * p.out_row_stride + head * p.out_head_stride;
+            if (p.lse != nullptr) {
+                lse = p.lse + w.seq.batch_index * p.lse_batch_stride + head * p.lse_head_stride + w.seq.q_start +
+                      token;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void store(int column, float value) const {
+        if (partial != nullptr) {
+            partial[column] = value;
+        } else {
+            out[column] = ElementTraits<Element>::from_float(value);
+        }
+    }
+};
+
+__device__ __forceinline__ float sink_log2(const AttentionParams& p, int head) {
+    return p.sinks != nullptr ? p.sinks[head] * 1.4426950408889634f : negative_infinity();
+}
+
+// Both kernels declare a minimum of one block per multiprocessor: it lets ptxas use the
+// registers they need. Left to aim at more blocks, it capped them at 80, 128 or 168
+// registers and spilled.
+template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool WINDOWED, bool SOFTCAP,
+          bool PACK_GQA>
+__global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionParams params) {
     using Layout = ForwardLayout<Element, HEAD_DIM, BLOCK_M, BLOCK_N, WARPS>;
     using Traits = ElementTraits<Element>;
     constexpr int kRows = Layout::kRows;
-    const SequenceInfo seq = SequenceInfo::of(params, blockIdx.z);
-    const int64 first_row = int64(blockIdx.x) * BLOCK_M;
-    if (first_row >= seq.q_len) return;  // the grid covers the longest sequence
-    const int rows = int(seq.q_len - first_row < BLOCK_M ? seq.q_len - first_row : BLOCK_M);
-    const int head = int(blockIdx.y);
-    const int kv_head = head / int(params.num_heads_q / params.num_heads_kv);
+    BlockWork work;
+    if (!work.plan(params, PACK_GQA, BLOCK_M, BLOCK_N)) return;
     const int head_dim = int(params.head_dim);
     const bool vector_loads = params.vector_loads != 0;
 
@@ -81,29 +177,32 @@ __global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParam
     const typename Layout::KVTile k_tile{shared + Layout::QTile::kBytes / sizeof(Element)};
     const typename Layout::KVTile v_tile{k_tile.data + Layout::KVTile::kBytes / sizeof(Element)};
 
-    const Element* q = static_cast<const Element*>(params.q) + seq.batch_index * params.q_batch_stride +
-                       (seq.q_start + first_row) * params.q_row_stride + head * params.q_head_stride;
-    const Element* k = static_cast<const Element*>(params.k) + seq.batch_index * params.k_batch_stride +
-                       seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
-    const Element* v = static_cast<const Element*>(params.v) + seq.batch_index * params.v_batch_stride +
-                       seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
+    const Element* k = work.kv<Element>(params.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
+    const Element* v = work.kv<Element>(params.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
+    const RowStride k_rows{params.k_row_stride}, v_rows{params.v_row_stride};
+    const Mask mask(params, work.seq);
+    const KeyTiles& tiles = work.tiles;
 
-    const Mask mask(params, seq);
-    const KeyTiles tiles = mask.tiles(first_row, first_row + rows - 1, BLOCK_N);
-
-    // Copy groups, in commit order: Q, K[0], then per tile V[t], K[t + 1] (committed even
-    // when empty, so that "all but the newest group" always means the same tile).
-    load_tile<Layout::kThreads>(q_tile, q, params.q_row_stride, rows, head_dim, vector_loads);
+    // Copy groups, in commit order: Q, K[first], then per tile V[t], K[t + 1] (committed
+    // even when empty, so that "all but the newest group" always means the same tile).
+    load_tile<Layout::kThreads>(q_tile, work.q<Element>(params), work.rows_in(params.q_row_stride, params.q_head_stride),
+                                work.rows, head_dim, vector_loads);
     cp_async_commit();
-    if (tiles.count > 0) {
-        load_tile<Layout::kThreads>(k_tile, k + tiles.begin(0) * params.k_row_stride, params.k_row_stride,
-                                    int(tiles.end(0) - tiles.begin(0)), head_dim, vector_loads);
+    if (work.tile_begin < work.tile_end) {
+        const int64 first = tiles.begin(work.tile_begin);
+        load_tile<Layout::kThreads>(k_tile, k + first * params.k_row_stride, k_rows,
+                                    int(tiles.end(work.tile_begin) - first), head_dim, vector_loads);
     }
     cp_async_commit();
 
     const int warp = int(threadIdx.x) / 32;
     const int lane = int(threadIdx.x) % 32;
     const int warp_row = warp * Layout::kRowsPerWarp;
+    // The token each of this lane's rows stands for (packed rows share tokens), for the mask.
+    int64 row_token[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) row_token[r] = work.token(lane_row(warp_row, r));
+    const int64 first_token = work.token(0), last_token = work.token(work.rows - 1);
     OnlineSoftmax<kRows> softmax;
     softmax.init();
     float out[kRows][Layout::kDimColumns];
@@ -112,11 +211,11 @@ __global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParam
 #pragma unroll
         for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] = 0.0f;
 
-    for (int64 t = 0; t < tiles.count; ++t) {
+    for (int64 t = work.tile_begin; t < work.tile_end; ++t) {
         const int64 key_begin = tiles.begin(t);
         const int keys = int(tiles.end(t) - key_begin);
-        load_tile<Layout::kThreads>(v_tile, v + key_begin * params.v_row_stride, params.v_row_stride, keys,
-                                    head_dim, vector_loads);
+        load_tile<Layout::kThreads>(v_tile, v + key_begin * params.v_row_stride, v_rows, keys, head_dim,
+                                    vector_loads);
         cp_async_commit();
         cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight
         __syncthreads();
@@ -145,15 +244,15 @@ __global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParam
             }
         }
         __syncthreads();  // every warp is done with K[t]: it may be overwritten
-        if (t + 1 < tiles.count) {
+        if (t + 1 < work.tile_end) {
             const int64 next = tiles.begin(t + 1);
-            load_tile<Layout::kThreads>(k_tile, k + next * params.k_row_stride, params.k_row_stride,
-                                        int(tiles.end(t + 1) - next), head_dim, vector_loads);
+            load_tile<Layout::kThreads>(k_tile, k + next * params.k_row_stride, k_rows, int(tiles.end(t + 1) - next),
+                                        head_dim, vector_loads);
         }
         cp_async_commit();
 
-        const bool cut = keys < BLOCK_N ||
-                         (WINDOWED && !mask.sees_all(first_row, first_row + rows - 1, key_begin, key_begin + keys));
+        const bool cut =
+            keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys));
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -161,7 +260,7 @@ __global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParam
                 scores[r][c] = base2_score<SOFTCAP>(scores[r][c], params);
                 if (cut) {
                     const int column = lane_column(c);
-                    if (column >= keys || !mask.visible(first_row + lane_row(warp_row, r), key_begin + column)) {
+                    if (column >= keys || !mask.visible(row_token[r], key_begin + column)) {
                         scores[r][c] = negative_infinity();
                     }
                 }
@@ -202,27 +301,23 @@ __global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParam
         __syncthreads();  // every warp is done with V[t]
     }
 
-    const float sink_log2 = params.sinks != nullptr ? params.sinks[head] * 1.4426950408889634f : negative_infinity();
-    float output_scale[kRows], lse[kRows];
-    softmax.finish(sink_log2, output_scale, lse);
-    Element* o = static_cast<Element*>(params.out) + seq.batch_index * params.out_batch_stride +
-                 (seq.q_start + first_row) * params.out_row_stride + head * params.out_head_stride;
+    // A learned sink counts once, in the merged result: splits other than the first leave it out.
+    const bool with_sink = work.split == 0;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
         const int row = lane_row(warp_row, r);
-        if (row >= rows) continue;
+        // finish_row reduces across the quad, so every lane takes part, valid row or not.
+        const float sink = with_sink && row < work.rows ? sink_log2(params, work.head(row)) : negative_infinity();
+        float output_scale, lse;
+        softmax.finish_row(r, sink, output_scale, lse);
+        if (row >= work.rows) continue;
+        const RowOutput<Element> destination(params, work, row);
 #pragma unroll
-        for (int c = 0; c < Layout::kDimColumns; c += 2) {
+        for (int c = 0; c < Layout::kDimColumns; ++c) {
             const int column = lane_column(c);
-            if (column >= head_dim) continue;
-            Element* destination = o + row * params.out_row_stride + column;
-            destination[0] = Traits::from_float(out[r][c] * output_scale[r]);
-            destination[1] = Traits::from_float(out[r][c + 1] * output_scale[r]);
+            if (column < head_dim) destination.store(column, out[r][c] * output_scale);
         }
-        if (params.lse != nullptr && lane % 4 == 0) {
-            params.lse[seq.batch_index * params.lse_batch_stride + head * params.lse_head_stride + seq.q_start +
-                       first_row + row] = lse[r];
-        }
+        if (destination.lse != nullptr && lane % 4 == 0) *destination.lse = lse;
     }
 }
 
@@ -230,8 +325,6 @@ __global__ void __launch_bounds__(WARPS * 32) flash_forward(const AttentionParam
 // softmax is the same code. Lane q of a quad holds the scores of keys q, q + 4, ... of the
 // tile and the output columns q, q + 4, ...; P @ V broadcasts each probability across the
 // quad with a shuffle.
-// (The minimum of one block per SM lets ptxas use the registers it needs: left to aim at
-// more, it spilled at 80 and 128 registers.)
 template <int HEAD_DIM, int BLOCK_M, int BLOCK_N, bool WINDOWED, bool SOFTCAP>
 __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const AttentionParams params) {
     constexpr int kThreads = BLOCK_M * 4;  // a quad of lanes per query row
@@ -239,12 +332,8 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
     constexpr int kKeysPerLane = BLOCK_N / 4, kDimsPerLane = HEAD_DIM / 4;
     using QTile = SharedTile<float, BLOCK_M, HEAD_DIM>;
     using KVTile = SharedTile<float, BLOCK_N, HEAD_DIM>;
-    const SequenceInfo seq = SequenceInfo::of(params, blockIdx.z);
-    const int64 first_row = int64(blockIdx.x) * BLOCK_M;
-    if (first_row >= seq.q_len) return;
-    const int rows = int(seq.q_len - first_row < BLOCK_M ? seq.q_len - first_row : BLOCK_M);
-    const int head = int(blockIdx.y);
-    const int kv_head = head / int(params.num_heads_q / params.num_heads_kv);
+    BlockWork work;
+    if (!work.plan(params, false, BLOCK_M, BLOCK_N)) return;
     const int head_dim = int(params.head_dim);
     const bool vector_loads = params.vector_loads != 0;
 
@@ -254,37 +343,37 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
     const KVTile k_tile{shared + QTile::kBytes / 4};
     const KVTile v_tile{k_tile.data + KVTile::kBytes / 4};
 
-    const float* q = static_cast<const float*>(params.q) + seq.batch_index * params.q_batch_stride +
-                     (seq.q_start + first_row) * params.q_row_stride + head * params.q_head_stride;
-    const float* k = static_cast<const float*>(params.k) + seq.batch_index * params.k_batch_stride +
-                     seq.k_start * params.k_row_stride + kv_head * params.k_head_stride;
-    const float* v = static_cast<const float*>(params.v) + seq.batch_index * params.v_batch_stride +
-                     seq.k_start * params.v_row_stride + kv_head * params.v_head_stride;
-    const Mask mask(params, seq);
-    const KeyTiles tiles = mask.tiles(first_row, first_row + rows - 1, BLOCK_N);
+    const float* k = work.kv<float>(params.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
+    const float* v = work.kv<float>(params.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
+    const RowStride k_rows{params.k_row_stride}, v_rows{params.v_row_stride};
+    const Mask mask(params, work.seq);
+    const KeyTiles& tiles = work.tiles;
 
-    load_tile<kThreads>(q_tile, q, params.q_row_stride, rows, head_dim, vector_loads);
+    load_tile<kThreads>(q_tile, work.q<float>(params), work.rows_in(params.q_row_stride, params.q_head_stride),
+                        work.rows, head_dim, vector_loads);
     cp_async_commit();
-    if (tiles.count > 0) {
-        load_tile<kThreads>(k_tile, k + tiles.begin(0) * params.k_row_stride, params.k_row_stride,
-                            int(tiles.end(0) - tiles.begin(0)), head_dim, vector_loads);
+    if (work.tile_begin < work.tile_end) {
+        const int64 first = tiles.begin(work.tile_begin);
+        load_tile<kThreads>(k_tile, k + first * params.k_row_stride, k_rows, int(tiles.end(work.tile_begin) - first),
+                            head_dim, vector_loads);
     }
     cp_async_commit();
 
     const int lane = int(threadIdx.x) % 32;
     const int row = int(threadIdx.x) / 4;
     const int quad = int(threadIdx.x) % 4;
+    const int64 token = work.token(row);
+    const int64 first_token = work.token(0), last_token = work.token(work.rows - 1);
     OnlineSoftmax<1> softmax;
     softmax.init();
     float out[1][kDimsPerLane];
 #pragma unroll
     for (int j = 0; j < kDimsPerLane; ++j) out[0][j] = 0.0f;
 
-    for (int64 t = 0; t < tiles.count; ++t) {
+    for (int64 t = work.tile_begin; t < work.tile_end; ++t) {
         const int64 key_begin = tiles.begin(t);
         const int keys = int(tiles.end(t) - key_begin);
-        load_tile<kThreads>(v_tile, v + key_begin * params.v_row_stride, params.v_row_stride, keys, head_dim,
-                            vector_loads);
+        load_tile<kThreads>(v_tile, v + key_begin * params.v_row_stride, v_rows, keys, head_dim, vector_loads);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -300,22 +389,20 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
             for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] += x * k_tile.row(quad + 4 * j)[d];
         }
         __syncthreads();
-        if (t + 1 < tiles.count) {
+        if (t + 1 < work.tile_end) {
             const int64 next = tiles.begin(t + 1);
-            load_tile<kThreads>(k_tile, k + next * params.k_row_stride, params.k_row_stride,
-                                int(tiles.end(t + 1) - next), head_dim, vector_loads);
+            load_tile<kThreads>(k_tile, k + next * params.k_row_stride, k_rows, int(tiles.end(t + 1) - next),
+                                head_dim, vector_loads);
         }
         cp_async_commit();
 
-        const bool cut = keys < BLOCK_N ||
-                         (WINDOWED && !mask.sees_all(first_row, first_row + rows - 1, key_begin, key_begin + keys));
+        const bool cut =
+            keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys));
 #pragma unroll
         for (int j = 0; j < kKeysPerLane; ++j) {
             scores[0][j] = base2_score<SOFTCAP>(scores[0][j], params);
             const int key = quad + 4 * j;
-            if (cut && (key >= keys || !mask.visible(first_row + row, key_begin + key))) {
-                scores[0][j] = negative_infinity();
-            }
+            if (cut && (key >= keys || !mask.visible(token, key_begin + key))) scores[0][j] = negative_infinity();
         }
         float rescale[1];
         softmax.update(scores, rescale);
@@ -337,21 +424,17 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
         __syncthreads();
     }
 
-    const float sink_log2 = params.sinks != nullptr ? params.sinks[head] * 1.4426950408889634f : negative_infinity();
-    float output_scale[1], lse[1];
-    softmax.finish(sink_log2, output_scale, lse);
-    if (row < rows) {
-        float* o = static_cast<float*>(params.out) + seq.batch_index * params.out_batch_stride +
-                   (seq.q_start + first_row + row) * params.out_row_stride + head * params.out_head_stride;
+    const bool valid = row < work.rows;
+    const float sink = work.split == 0 && valid ? sink_log2(params, work.head(row)) : negative_infinity();
+    float output_scale, lse;
+    softmax.finish_row(0, sink, output_scale, lse);
+    if (!valid) return;
+    const RowOutput<float> destination(params, work, row);
 #pragma unroll
-        for (int jd = 0; jd < kDimsPerLane; ++jd) {
-            if (quad + 4 * jd < head_dim) o[quad + 4 * jd] = out[0][jd] * output_scale[0];
-        }
-        if (params.lse != nullptr && quad == 0) {
-            params.lse[seq.batch_index * params.lse_batch_stride + head * params.lse_head_stride + seq.q_start +
-                       first_row + row] = lse[0];
-        }
+    for (int jd = 0; jd < kDimsPerLane; ++jd) {
+        if (quad + 4 * jd < head_dim) destination.store(quad + 4 * jd, out[0][jd] * output_scale);
     }
+    if (destination.lse != nullptr && quad == 0) *destination.lse = lse;
 }
 
 }  // namespace cuattn

@@ -77,8 +77,9 @@ __device__ __forceinline__ KeyTiles Mask::tiles(int64 first_row, int64 last_row,
     t.window_begin = begin;
     t.window_end = end;
     t.sink_end = sink_tokens < begin ? sink_tokens : begin;
-    t.sink_tiles = (t.sink_end + tile_keys - 1) / tile_keys;
-    t.count = t.sink_tiles + (end - begin + tile_keys - 1) / tile_keys;
+    // 32-bit divisions (see params.cuh): key counts per sequence stay below 2**32.
+    t.sink_tiles = unsigned(t.sink_end + tile_keys - 1) / unsigned(tile_keys);
+    t.count = t.sink_tiles + unsigned(end - begin + tile_keys - 1) / unsigned(tile_keys);
     return t;
 }
 

@@ -19,6 +19,11 @@ struct AttentionParams {
     const int* cu_seqlens_q;   // packed batches: (batch + 1,) prefix sums, else null
     const int* cu_seqlens_k;
     const int* cache_seqlens;  // KV cache: tokens already cached per sequence, else null
+    // Split-KV: with num_splits > 1 each split of the keys writes its normalized float32
+    // output and its lse here, row-major over (split, output row, head[, dim]) with
+    // split_rows output rows per split (batch entries x seqlen_q); combine_splits merges them.
+    float* split_out;
+    float* split_lse;
     // Strides in elements. A packed batch is one batch entry, its sequences found by
     // cu_seqlens along the row axis.
     int64 q_batch_stride, q_row_stride, q_head_stride;
@@ -32,11 +37,16 @@ struct AttentionParams {
     // 1 when q, k and v sit on 16-byte boundaries in every row and head (all strides too), so
     // that tiles can be copied 16 bytes at a time; otherwise element by element.
     int64 vector_loads;
+    int64 num_splits, split_rows;
     // Scores are kept in base 2: s = dot * score_scale, where score_scale is
     // scale * log2(e), or with a softcap scale / softcap followed by s = softcap_log2 * tanh(s).
     float score_scale;
     float softcap_log2;
 };
+
+// Counts of rows, keys and (row, head) pairs per launch stay below 2**32, so kernels divide
+// them in 32 bits: a 64-bit division is a software routine on the GPU, slow, and its call
+// made ptxas spill registers.
 
 // Where one batch entry's queries and keys lie, and how many there are.
 struct SequenceInfo {

@@ -4,7 +4,7 @@
 // is an exp2f. Each row is spread over the 4 lanes of a quad (the mma accumulator layout,
 // and the SIMT kernel's too): the maximum is reduced across the quad at every tile, because
 // all four lanes must rescale by the same factor; the sum stays a per-lane partial until
-// finish(), since rescaling commutes with adding the partials up.
+// finish_row(), since rescaling commutes with adding the partials up.
 #pragma once
 
 #include "numeric.cuh"
@@ -60,26 +60,24 @@ struct OnlineSoftmax {
         }
     }
 
-    // Closes the rows: `output_scale` is what the accumulated output is multiplied by, and
-    // `lse` the natural log of the denominator. A learned sink (`sink_log2`, -inf if none)
-    // is one more logit whose value row is zero: it only enlarges the denominator. A row
-    // that saw nothing, without a sink, gets scale 0 and lse -inf.
-    __device__ __forceinline__ void finish(float sink_log2, float (&output_scale)[ROWS], float (&lse)[ROWS]) const {
+    // Closes row r: `output_scale` is what its accumulated output is multiplied by, `lse`
+    // the natural log of its denominator. A learned sink (`sink_log2`, -inf if none) is one
+    // more logit whose value row is zero: it only enlarges the denominator. A row that saw
+    // nothing, without a sink, gets scale 0 and lse -inf. All 4 lanes of the row's quad
+    // must call it together (the partial sums are added across the quad).
+    __device__ __forceinline__ void finish_row(int r, float sink_log2, float& output_scale, float& lse) const {
         constexpr float kLn2 = 0.6931471805599453f;
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const float total = quad_sum(row_sum[r]);
-            const float final_max = fmaxf(row_max[r], sink_log2);
-            if (final_max == negative_infinity()) {
-                output_scale[r] = 0.0f;
-                lse[r] = negative_infinity();
-                continue;
-            }
-            const float weight = exp2f(row_max[r] - final_max);
-            const float denominator = total * weight + exp2f(sink_log2 - final_max);
-            output_scale[r] = weight / denominator;
-            lse[r] = (final_max + log2f(denominator)) * kLn2;
+        const float total = quad_sum(row_sum[r]);
+        const float final_max = fmaxf(row_max[r], sink_log2);
+        if (final_max == negative_infinity()) {
+            output_scale = 0.0f;
+            lse = negative_infinity();
+            return;
         }
+        const float weight = exp2f(row_max[r] - final_max);
+        const float denominator = total * weight + exp2f(sink_log2 - final_max);
+        output_scale = weight / denominator;
+        lse = (final_max + log2f(denominator)) * kLn2;
     }
 };
 

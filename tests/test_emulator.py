@@ -263,8 +263,8 @@ PLANTED = {
     # The ragged last key tile forgotten: keys at the end of a sequence never seen.
     "tile-count-off-by-one": (
         "mask.cuh",
-        "(end - begin + tile_keys - 1) / tile_keys;",
-        "(end - begin) / tile_keys;",
+        "unsigned(end - begin + tile_keys - 1) / unsigned(tile_keys);",
+        "unsigned(end - begin) / unsigned(tile_keys);",
     ),
     # Warps read K before the other warps' copies have landed.
     "removed-syncthreads": (

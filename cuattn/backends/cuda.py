@@ -17,13 +17,18 @@ from ..cache import cached_file, digest
 from ..dlpack import RawArray
 from ..interop import as_cupy
 from ..kernel_params import attention_params, merge_params
-from ..kernels import ForwardKernel, MergeKernel, dtype_name, forward_kernel, kernel_dir
+from ..kernels import (
+    CombineKernel,
+    ForwardKernel,
+    MergeKernel,
+    dtype_name,
+    kernel_dir,
+    plan_forward,
+)
 from ..spec import AttentionSpec, Sequences
 
 # Dynamic shared memory past this needs the kernel's opt-in attribute.
 _DEFAULT_SHARED_LIMIT = 48 * 1024
-# CUDA's grid limits on y and z.
-_MAX_GRID_YZ = 65535
 
 
 def _cupy():
@@ -35,6 +40,7 @@ class CudaBackend:
 
     def __init__(self):
         self._functions: dict[tuple[str, int], object] = {}
+        self._sm_counts: dict[int, int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -65,7 +71,9 @@ class CudaBackend:
         )
 
     @staticmethod
-    def _compiled(kernel: ForwardKernel | MergeKernel, arch: str) -> tuple[str, str]:
+    def _compiled(
+        kernel: ForwardKernel | CombineKernel | MergeKernel, arch: str
+    ) -> tuple[str, str]:
         """(cubin path, mangled kernel name), compiled on a miss of the disk cache."""
         sources = [p.read_bytes() for p in sorted(kernel_dir().glob("*.cu*"))]
         stem = digest(
@@ -85,7 +93,7 @@ class CudaBackend:
         cubin = cached_file("cuda", f"{stem}.cubin", compile_to)
         return str(cubin), cubin.with_suffix(".name").read_text()
 
-    def _function(self, kernel: ForwardKernel | MergeKernel, device_id: int):
+    def _function(self, kernel: ForwardKernel | CombineKernel | MergeKernel, device_id: int):
         """The loaded kernel for ``device_id``: compiled or read from disk once per process."""
         key = (kernel.name, device_id)
         with self._lock:
@@ -112,21 +120,15 @@ class CudaBackend:
         stream: int | None = None,
     ) -> None:
         cupy = _cupy()
-        kernel = forward_kernel(spec)
-        grid = kernel.grid(sequences.max_query_len, spec.num_heads_q, len(sequences.table))
-        if grid[1] > _MAX_GRID_YZ or grid[2] > _MAX_GRID_YZ:
-            raise ValueError(
-                f"q: {spec.num_heads_q} heads x {len(sequences.table)} sequences exceed the "
-                f"GPU grid's limit of {_MAX_GRID_YZ} in each"
-            )
         device_id = q.device.index
-        with cupy.cuda.Device(device_id):
-            keep_alive = []
+        with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(stream):
+            plan = plan_forward(spec, sequences, q.shape, self._multiprocessors(device_id))
+            # Device memory allocated here is freed to CuPy's pool when the call returns;
+            # the pool hands it out again only in this stream's order, after the kernels.
             lengths = {}
             for name, raw in sequences.lengths.items():
-                if raw.device.kind == "cpu":  # lengths given as an int or a host array
+                if raw.device.kind == "cpu":  # lengths given as an int, a list or a host array
                     on_device = cupy.asarray(raw.numpy())
-                    keep_alive.append(on_device)
                     raw = RawArray(
                         on_device.data.ptr,
                         raw.shape,
@@ -139,14 +141,32 @@ class CudaBackend:
                 lengths[name] = raw
             sequences = Sequences(sequences.kind, sequences.table, sequences.new_tokens, lengths)
             params = attention_params(spec, q, k, v, out, lse, sinks, sequences)
-            function = self._function(kernel, device_id)
-            function(
-                grid,
-                (kernel.threads, 1, 1),
-                (params,),
-                shared_mem=kernel.shared_bytes,
-                stream=cupy.cuda.ExternalStream(stream),
+            if plan.num_splits > 1:
+                slots = plan.num_splits * plan.split_rows * spec.num_heads_q
+                split_out = cupy.empty(slots * spec.head_dim, cupy.float32)
+                split_lse = cupy.empty(slots, cupy.float32)
+                params[0]["split_out"], params[0]["split_lse"] = (
+                    split_out.data.ptr,
+                    split_lse.data.ptr,
+                )
+                params[0]["num_splits"], params[0]["split_rows"] = plan.num_splits, plan.split_rows
+            kernel = plan.kernel
+            self._function(kernel, device_id)(
+                plan.grid, (kernel.threads, 1, 1), (params,), shared_mem=kernel.shared_bytes
             )
+            if plan.num_splits > 1:
+                combine = plan.combine
+                self._function(combine, device_id)(
+                    combine.grid(plan.split_rows, spec.num_heads_q),
+                    (combine.threads, 1, 1),
+                    (params,),
+                )
+
+    def _multiprocessors(self, device_id: int) -> int:
+        if device_id not in self._sm_counts:
+            properties = _cupy().cuda.runtime.getDeviceProperties(device_id)
+            self._sm_counts[device_id] = int(properties["multiProcessorCount"])
+        return self._sm_counts[device_id]
 
     def merge(self, out_a, lse_a, out_b, lse_b, out, lse, stream=None) -> None:
         cupy = _cupy()

@@ -11,6 +11,7 @@ Options, from the environment or ``configure()``:
   CUATTN_EMULATE_SCHEDULE=forward|reverse|shuffled   thread order between barriers
   CUATTN_EMULATE_WORKERS=N           OS threads running blocks (default: one per core)
   CUATTN_EMULATE_TIME_LIMIT=seconds  a launch running longer fails (default 600)
+  CUATTN_EMULATE_MULTIPROCESSORS=N   the GPU size launches are planned for (default 8)
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import cached_file, digest
-from ..dlpack import RawArray
+from ..dlpack import RawArray, from_numpy
 from ..kernel_params import attention_params, merge_params
-from ..kernels import MergeKernel, dtype_name, forward_kernel, kernel_dir
+from ..kernels import MergeKernel, dtype_name, kernel_dir, plan_forward
 from ..spec import AttentionSpec, Sequences
 from . import host
 
@@ -50,6 +51,8 @@ class EmulationOptions:
     sanitize: bool = False
     # Build from another copy of kernels/ (a kernel being debugged, or a test's planted bug).
     kernel_dir: Path | None = None
+    # The GPU size that launch planning assumes (split-KV depends on it).
+    multiprocessors: int = 8
 
     @classmethod
     def from_environment(cls) -> EmulationOptions:
@@ -60,6 +63,7 @@ class EmulationOptions:
             workers=int(env.get("CUATTN_EMULATE_WORKERS", "0")),
             time_limit=float(env.get("CUATTN_EMULATE_TIME_LIMIT", "600")),
             sanitize=env.get("CUATTN_EMULATE_SANITIZE", "") not in ("", "0"),
+            multiprocessors=int(env.get("CUATTN_EMULATE_MULTIPROCESSORS", "8")),
             kernel_dir=Path(env["CUATTN_EMULATE_KERNEL_DIR"])
             if env.get("CUATTN_EMULATE_KERNEL_DIR")
             else None,
@@ -352,16 +356,8 @@ class EmulateBackend:
         sequences: Sequences,
         stream: int | None = None,
     ) -> None:
-        kernel = forward_kernel(spec)
-        # One library per (dtype, head dim): its mask/softcap variants compile together.
-        group = tuple(
-            LibraryKernel(k.name, k.expression)
-            for k in (
-                dataclasses.replace(kernel, windowed=w, softcap=s)
-                for w in (False, True)
-                for s in (False, True)
-            )
-        )
+        plan = plan_forward(spec, sequences, q.shape, self.options.multiprocessors)
+        params = attention_params(spec, q, k, v, out, lse, sinks, sequences)
         arrays = {
             "q": q,
             "k": k,
@@ -371,17 +367,46 @@ class EmulateBackend:
             "sinks": sinks,
             **sequences.lengths,
         }
+        arrays = {name: raw for name, raw in arrays.items() if raw is not None}
+        writable = {"out", "lse"}
+        if plan.num_splits > 1:
+            slots = plan.num_splits * plan.split_rows * spec.num_heads_q
+            # Poisoned, like every result buffer: a slot no split wrote shows as NaN.
+            workspace = {
+                "split_out": np.full(slots * spec.head_dim, np.nan, np.float32),
+                "split_lse": np.full(slots, np.nan, np.float32),
+            }
+            for name, array in workspace.items():
+                arrays[name] = from_numpy(array)
+                params[0][name] = arrays[name].ptr
+            params[0]["num_splits"], params[0]["split_rows"] = plan.num_splits, plan.split_rows
+            writable = set(workspace)
+        # One library per (dtype, head dim): its flag variants compile together.
+        variants = tuple(LibraryKernel(k.name, k.expression) for k in plan.kernel.variants())
         self.run_kernel(
-            (kernel.source,),
-            group,
-            kernel.name,
-            attention_params(spec, q, k, v, out, lse, sinks, sequences),
-            kernel.grid(sequences.max_query_len, spec.num_heads_q, len(sequences.table)),
-            (kernel.threads, 1, 1),
-            kernel.shared_bytes,
-            {name: raw for name, raw in arrays.items() if raw is not None},
-            {"out", "lse"},
+            (plan.kernel.source,),
+            variants,
+            plan.kernel.name,
+            params,
+            plan.grid,
+            (plan.kernel.threads, 1, 1),
+            plan.kernel.shared_bytes,
+            arrays,
+            writable,
         )
+        if plan.num_splits > 1:
+            combine = plan.combine
+            self.run_kernel(
+                (combine.source,),
+                (LibraryKernel(combine.name, combine.expression),),
+                combine.name,
+                params,
+                combine.grid(plan.split_rows, spec.num_heads_q),
+                (combine.threads, 1, 1),
+                combine.shared_bytes,
+                arrays,
+                {"out", "lse"},
+            )
 
     def merge(self, out_a, lse_a, out_b, lse_b, out, lse, stream=None) -> None:
         kernel = MergeKernel(dtype_name(out.dtype))

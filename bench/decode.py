@@ -1,0 +1,170 @@
+"""Decoding on the GPU: one new token attending to a KV cache, bound by reading K and V.
+
+B in {1, 8, 64}, cache length in {4k, 32k, 128k}, 32 query heads, 32 / 8 / 1 KV heads
+(multi-head, GQA-8, multi-query), head dim 128, bfloat16. Reported: achieved bandwidth
+(bytes of K and V read, plus q and the output) over the device-to-device copy bandwidth
+measured in the same run (issue 5's target: at least 80% on every row with B * len >= 32k),
+the ratio to PyTorch SDPA on the same cache (target 1.5x), and the seed's GQA table: decode
+time of MHA, GQA-8 and MQA for the same query heads, and each one's speed-up over MHA.
+
+    python -m cuattn bench decode [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .plot import plot
+from .report import environment, progress, table, write
+
+HEADS_Q, HEAD_DIM = 32, 128
+# Caches larger than this share of the GPU's memory are skipped (with a note).
+MEMORY_SHARE = 0.6
+
+
+def copy_bandwidth(torch) -> float:
+    """Bytes per second of a device-to-device copy (read + write) of 1 GiB."""
+    from .timing_cuda import time_cuda
+
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    timing = time_cuda(lambda i: target.copy_(source), runs=10)
+    return 2 * source.numel() / timing.median
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cuattn bench decode", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and runs")
+    parser.add_argument("--out", help="directory for the results (default bench/results)")
+    args = parser.parse_args(argv)
+    import torch
+
+    import cuattn
+
+    from .timing_cuda import device_description, time_cuda
+
+    batches = (1, 8) if args.quick else (1, 8, 64)
+    lengths = (4096, 32768) if args.quick else (4096, 32768, 131072)
+    kv_heads = (32, 8, 1)
+    runs = 5 if args.quick else 20
+    _, total = torch.cuda.mem_get_info()
+    copy = copy_bandwidth(torch)
+    print(f"device-to-device copy: {copy / 1e9:.0f} GB/s")
+    rows = []
+    for batch in batches:
+        for length in progress(lengths, f"B={batch}"):
+            for heads_kv in kv_heads:
+                cache_bytes = 2 * batch * length * heads_kv * HEAD_DIM * 2
+                if cache_bytes > MEMORY_SHARE * total:
+                    print(
+                        f"  B={batch} len={length} Hkv={heads_kv}: a "
+                        f"{cache_bytes / 2**30:.0f} GiB cache does not fit; skipped"
+                    )
+                    continue
+                shape = (batch, length, heads_kv, HEAD_DIM)
+                k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+                v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+                queries = [
+                    torch.randn(batch, 1, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2)
+                ]
+                moved = cache_bytes + 2 * queries[0].numel() * 2
+
+                def ours(i, q=queries, k=k_cache, v=v_cache, n=length):
+                    return cuattn.attention_with_kvcache(q[i % 2], k, v, cache_seqlens=n)
+
+                def sdpa(i, q=queries, k=k_cache, v=v_cache, g=HEADS_Q // heads_kv):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q[i % 2].transpose(1, 2),
+                        k.transpose(1, 2),
+                        v.transpose(1, 2),
+                        enable_gqa=g > 1,
+                    ).transpose(1, 2)
+
+                error = float((ours(0).float() - sdpa(0).float()).abs().max())
+                timing = time_cuda(ours, runs=runs)
+                try:
+                    sdpa_time = time_cuda(sdpa, runs=runs).median
+                except Exception as failure:  # e.g. no GQA support in this PyTorch
+                    print(
+                        f"  SDPA skipped: {type(failure).__name__}: "
+                        f"{str(failure).splitlines()[0][:100]}"
+                    )
+                    sdpa_time = None
+                rows.append(
+                    dict(
+                        batch=batch,
+                        cache_len=length,
+                        heads_kv=heads_kv,
+                        us=round(timing.median * 1e6, 1),
+                        gb_s=round(moved / timing.median / 1e9),
+                        of_copy=f"{moved / timing.median / copy:.0%}",
+                        vs_sdpa=round(sdpa_time / timing.median, 2) if sdpa_time else None,
+                        max_abs_diff=f"{error:.1e}",
+                        timing=timing.as_dict(),
+                    )
+                )
+                print(
+                    f"  B={batch} len={length} Hkv={heads_kv}: {timing.median * 1e6:.1f} us, "
+                    f"{rows[-1]['gb_s']} GB/s ({rows[-1]['of_copy']} of copy)",
+                    flush=True,
+                )
+                del k_cache, v_cache, queries
+                torch.cuda.empty_cache()
+    # The seed's GQA table: the same query heads, fewer KV heads to read.
+    gqa = []
+    for row in rows:
+        if row["heads_kv"] == HEADS_Q:
+            for other in rows:
+                if (other["batch"], other["cache_len"]) == (row["batch"], row["cache_len"]):
+                    gqa.append(
+                        dict(
+                            batch=row["batch"],
+                            cache_len=row["cache_len"],
+                            kind={32: "MHA", 8: "GQA-8", 1: "MQA"}[other["heads_kv"]],
+                            us=other["us"],
+                            speedup_over_mha=round(row["us"] / other["us"], 2),
+                        )
+                    )
+    name, driver = device_description()
+    env = environment(device=name, driver=driver)
+    stem = f"decode-{name.replace(' ', '_')}-{env['date'][:10]}"
+    text = table(
+        rows,
+        [
+            ("batch", "B"),
+            ("cache_len", "cache"),
+            ("heads_kv", "Hkv"),
+            ("us", "us"),
+            ("gb_s", "GB/s"),
+            ("of_copy", "of copy bandwidth"),
+            ("vs_sdpa", "vs SDPA"),
+            ("max_abs_diff", "max |diff| vs SDPA"),
+        ],
+    )
+    gqa_text = table(
+        gqa,
+        [
+            ("batch", "B"),
+            ("cache_len", "cache"),
+            ("kind", "attention"),
+            ("us", "us"),
+            ("speedup_over_mha", "speed-up over MHA"),
+        ],
+    )
+    path = write(stem, dict(environment=env, copy_bandwidth=copy, rows=rows, gqa=gqa), args.out)
+    plot(path)
+    path.with_suffix(".md").write_text(
+        f"# Decode, {name}, driver {driver}, {env['date'][:10]}, commit {env['git_commit']}\n\n"
+        f"Device-to-device copy: {copy / 1e9:.0f} GB/s.\n\n{text}\n\n## GQA\n\n{gqa_text}\n"
+    )
+    print(text + "\n\n" + gqa_text)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

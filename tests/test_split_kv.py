@@ -1,0 +1,122 @@
+"""Decoding: grouped-query packing and split-KV (flash-decoding), planned and checked.
+
+The package checks itself: the same call split into many pieces and into none agrees, and
+both agree with the oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuattn
+from cuattn.backends import emulate
+from cuattn.dlpack import from_numpy
+from cuattn.kernels import plan_forward
+from cuattn.spec import MaskOptions, batched_sequences, kvcache_sequences, kvcache_spec
+
+from .helpers import DTYPES, assert_close, qkv, random_array
+from .oracle import attention_oracle, kvcache_oracle
+
+
+def _decode_plan(
+    batch, heads_q, heads_kv, cache_len, multiprocessors, seqlen_q=1, dtype=np.float16
+):
+    q = np.zeros((batch, seqlen_q, heads_q, 128), dtype)
+    cache = np.zeros((batch, cache_len, heads_kv, 128), dtype)
+    lengths = np.full(batch, cache_len, np.int32)
+    raw = {
+        "q": from_numpy(q),
+        "k_cache": from_numpy(cache),
+        "v_cache": from_numpy(cache),
+        "cache_seqlens": from_numpy(lengths),
+    }
+    spec = kvcache_spec(raw, lengths, MaskOptions(causal=True))
+    return plan_forward(spec, kvcache_sequences(lengths, seqlen_q, 0), q.shape, multiprocessors)
+
+
+def test_decoding_packs_query_heads_and_splits_the_keys_to_fill_the_gpu():
+    plan = _decode_plan(batch=1, heads_q=32, heads_kv=8, cache_len=128 * 1024, multiprocessors=132)
+    assert plan.kernel.pack_gqa and plan.grid[:2] == (1, 8)  # 4 query heads per block
+    assert plan.num_splits == 33 and plan.grid[2] == 33  # 8 blocks -> 2 per multiprocessor
+    # A big batch fills the GPU by itself: no split.
+    assert (
+        _decode_plan(
+            batch=64, heads_q=32, heads_kv=8, cache_len=4096, multiprocessors=132
+        ).num_splits
+        == 1
+    )
+    # Multi-head attention has no group to pack.
+    assert not _decode_plan(
+        batch=1, heads_q=8, heads_kv=8, cache_len=4096, multiprocessors=132
+    ).kernel.pack_gqa
+    # A few keys are not worth splitting.
+    assert (
+        _decode_plan(batch=1, heads_q=32, heads_kv=8, cache_len=100, multiprocessors=132).num_splits
+        == 1
+    )
+
+
+def test_prefill_is_neither_packed_nor_split():
+    q = np.zeros((4, 2048, 32, 128), np.float16)
+    k = np.zeros((4, 2048, 8, 128), np.float16)
+    from cuattn.spec import attention_spec
+
+    spec = attention_spec(
+        {"q": from_numpy(q), "k": from_numpy(k), "v": from_numpy(k)}, MaskOptions()
+    )
+    plan = plan_forward(spec, batched_sequences(4, 2048, 2048), q.shape, 132)
+    assert not plan.kernel.pack_gqa and plan.num_splits == 1 and plan.grid == (32, 32, 4)
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """Records the plans the emulation backend launches."""
+    plans = []
+    original = emulate.plan_forward
+
+    def spy(*args):
+        plans.append(original(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(emulate, "plan_forward", spy)
+    return plans
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_split_and_packed_decoding_matches_the_oracle(rng, emulate_options, planned, dtype):
+    emulate_options(multiprocessors=1000)  # a huge GPU: as many splits as the keys allow
+    batch, capacity, heads_q, heads_kv, dim = 2, 700, 8, 2, 64
+    q = random_array(rng, (batch, 3, heads_q, dim), dtype)
+    k_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
+    v_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
+    k_new = random_array(rng, (batch, 3, heads_kv, dim), dtype)
+    v_new = random_array(rng, (batch, 3, heads_kv, dim), dtype)
+    lengths = np.array([650, 211], np.int32)
+    options = dict(
+        causal=True,
+        window=(300, 0),
+        sink_tokens=2,
+        sinks=rng.uniform(-1, 2, heads_q).astype(np.float32),
+    )
+    expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, **options)
+    out, lse = cuattn.attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, lengths, return_lse=True, backend="emulate", **options
+    )
+    assert planned[-1].num_splits > 1 and planned[-1].kernel.pack_gqa == (dtype != np.float32)
+    assert_close(out, expected[0], dtype)
+    assert_close(lse, expected[1], dtype, what="lse")
+
+
+@pytest.mark.emulate
+def test_split_equals_unsplit(rng, emulate_options, planned):
+    q, k, v = qkv(rng, 1, 1, 2000, 4, 4, 64, np.float32)
+    emulate_options(multiprocessors=1)
+    whole, whole_lse = cuattn.attention(q, k, v, causal=True, return_lse=True, backend="emulate")
+    emulate_options(multiprocessors=1000)
+    split, split_lse = cuattn.attention(q, k, v, causal=True, return_lse=True, backend="emulate")
+    assert planned[0].num_splits == 1 and planned[1].num_splits > 1
+    np.testing.assert_allclose(split, whole, atol=2e-6, rtol=2e-6)
+    np.testing.assert_allclose(split_lse, whole_lse, atol=2e-6, rtol=2e-6)
+    assert_close(split, attention_oracle(q, k, v, causal=True)[0], np.float32)

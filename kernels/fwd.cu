@@ -153,6 +153,39 @@ struct RowOutput {
     }
 };
 
+// K and V of a block's KV head, and the copy of one key tile of either to shared memory.
+template <int THREADS, class Element>
+struct KeyValueTiles {
+    const Element* k;
+    const Element* v;
+    int64 k_stride, v_stride;
+    const KeyTiles& tiles;
+    int head_dim;
+    bool vector_loads;
+
+    __device__ __forceinline__ KeyValueTiles(const AttentionParams& p, const BlockWork& w)
+        : k(w.kv<Element>(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride)),
+          v(w.kv<Element>(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride)),
+          k_stride(p.k_row_stride),
+          v_stride(p.v_row_stride),
+          tiles(w.tiles),
+          head_dim(int(p.head_dim)),
+          vector_loads(p.vector_loads != 0) {}
+
+    template <class Tile>
+    __device__ __forceinline__ void load_keys(Tile tile, int64 t) const { load(tile, k, k_stride, t); }
+    template <class Tile>
+    __device__ __forceinline__ void load_values(Tile tile, int64 t) const { load(tile, v, v_stride, t); }
+
+  private:
+    template <class Tile>
+    __device__ __forceinline__ void load(Tile tile, const Element* base, int64 stride, int64 t) const {
+        const int64 first = tiles.begin(t);
+        load_tile<THREADS>(tile, base + first * stride, RowStride{stride}, int(tiles.end(t) - first), head_dim,
+                           vector_loads);
+    }
+};
+
 __device__ __forceinline__ float sink_log2(const AttentionParams& p, int head) {
     return p.sinks != nullptr ? p.sinks[head] * 1.4426950408889634f : negative_infinity();
 }
@@ -177,9 +210,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
     const typename Layout::KVTile k_tile{shared + Layout::QTile::kBytes / sizeof(Element)};
     const typename Layout::KVTile v_tile{k_tile.data + Layout::KVTile::kBytes / sizeof(Element)};
 
-    const Element* k = work.kv<Element>(params.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
-    const Element* v = work.kv<Element>(params.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
-    const RowStride k_rows{params.k_row_stride}, v_rows{params.v_row_stride};
+    const KeyValueTiles<Layout::kThreads, Element> key_values(params, work);
     const Mask mask(params, work.seq);
     const KeyTiles& tiles = work.tiles;
 
@@ -188,11 +219,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
     load_tile<Layout::kThreads>(q_tile, work.q<Element>(params), work.rows_in(params.q_row_stride, params.q_head_stride),
                                 work.rows, head_dim, vector_loads);
     cp_async_commit();
-    if (work.tile_begin < work.tile_end) {
-        const int64 first = tiles.begin(work.tile_begin);
-        load_tile<Layout::kThreads>(k_tile, k + first * params.k_row_stride, k_rows,
-                                    int(tiles.end(work.tile_begin) - first), head_dim, vector_loads);
-    }
+    if (work.tile_begin < work.tile_end) key_values.load_keys(k_tile, work.tile_begin);
     cp_async_commit();
 
     const int warp = int(threadIdx.x) / 32;
@@ -214,8 +241,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
     for (int64 t = work.tile_begin; t < work.tile_end; ++t) {
         const int64 key_begin = tiles.begin(t);
         const int keys = int(tiles.end(t) - key_begin);
-        load_tile<Layout::kThreads>(v_tile, v + key_begin * params.v_row_stride, v_rows, keys, head_dim,
-                                    vector_loads);
+        key_values.load_values(v_tile, t);
         cp_async_commit();
         cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight
         __syncthreads();
@@ -244,11 +270,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             }
         }
         __syncthreads();  // every warp is done with K[t]: it may be overwritten
-        if (t + 1 < work.tile_end) {
-            const int64 next = tiles.begin(t + 1);
-            load_tile<Layout::kThreads>(k_tile, k + next * params.k_row_stride, k_rows, int(tiles.end(t + 1) - next),
-                                        head_dim, vector_loads);
-        }
+        if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);
         cp_async_commit();
 
         const bool cut =
@@ -343,20 +365,14 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
     const KVTile k_tile{shared + QTile::kBytes / 4};
     const KVTile v_tile{k_tile.data + KVTile::kBytes / 4};
 
-    const float* k = work.kv<float>(params.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
-    const float* v = work.kv<float>(params.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
-    const RowStride k_rows{params.k_row_stride}, v_rows{params.v_row_stride};
+    const KeyValueTiles<kThreads, float> key_values(params, work);
     const Mask mask(params, work.seq);
     const KeyTiles& tiles = work.tiles;
 
     load_tile<kThreads>(q_tile, work.q<float>(params), work.rows_in(params.q_row_stride, params.q_head_stride),
                         work.rows, head_dim, vector_loads);
     cp_async_commit();
-    if (work.tile_begin < work.tile_end) {
-        const int64 first = tiles.begin(work.tile_begin);
-        load_tile<kThreads>(k_tile, k + first * params.k_row_stride, k_rows, int(tiles.end(work.tile_begin) - first),
-                            head_dim, vector_loads);
-    }
+    if (work.tile_begin < work.tile_end) key_values.load_keys(k_tile, work.tile_begin);
     cp_async_commit();
 
     const int lane = int(threadIdx.x) % 32;
@@ -373,7 +389,7 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
     for (int64 t = work.tile_begin; t < work.tile_end; ++t) {
         const int64 key_begin = tiles.begin(t);
         const int keys = int(tiles.end(t) - key_begin);
-        load_tile<kThreads>(v_tile, v + key_begin * params.v_row_stride, v_rows, keys, head_dim, vector_loads);
+        key_values.load_values(v_tile, t);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
@@ -389,11 +405,7 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
             for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] += x * k_tile.row(quad + 4 * j)[d];
         }
         __syncthreads();
-        if (t + 1 < work.tile_end) {
-            const int64 next = tiles.begin(t + 1);
-            load_tile<kThreads>(k_tile, k + next * params.k_row_stride, k_rows, int(tiles.end(t + 1) - next),
-                                head_dim, vector_loads);
-        }
+        if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);
         cp_async_commit();
 
         const bool cut =

@@ -159,17 +159,8 @@ void prepare_fiber(FiberContext* context, FiberStack stack, void (*entry)(void*)
     context->stack_pointer = slot;
 }
 
-void switch_fiber(FiberContext* from, FiberContext* to, bool from_finished) {
-#if CUEMU_ASAN
-    __sanitizer_start_switch_fiber(from_finished ? nullptr : &from->asan_fake_stack,
-                                   to->stack.bottom, to->stack.size);
-#else
-    (void)from_finished;
-#endif
+static void jump(FiberContext* from, FiberContext* to) {
     cuemu_switch_stack(&from->stack_pointer, to->stack_pointer);
-#if CUEMU_ASAN
-    __sanitizer_finish_switch_fiber(from->asan_fake_stack, nullptr, nullptr);
-#endif
 }
 
 #else  // ucontext fallback
@@ -196,20 +187,22 @@ void prepare_fiber(FiberContext* context, FiberStack stack, void (*entry)(void*)
                 static_cast<unsigned>(address >> 32), static_cast<unsigned>(address));
 }
 
+static void jump(FiberContext* from, FiberContext* to) { swapcontext(&from->context, &to->context); }
+
+#endif
+
 void switch_fiber(FiberContext* from, FiberContext* to, bool from_finished) {
 #if CUEMU_ASAN
-    __sanitizer_start_switch_fiber(from_finished ? nullptr : &from->asan_fake_stack,
-                                   to->stack.bottom, to->stack.size);
+    __sanitizer_start_switch_fiber(from_finished ? nullptr : &from->asan_fake_stack, to->stack.bottom,
+                                   to->stack.size);
 #else
     (void)from_finished;
 #endif
-    swapcontext(&from->context, &to->context);
+    jump(from, to);
 #if CUEMU_ASAN
     __sanitizer_finish_switch_fiber(from->asan_fake_stack, nullptr, nullptr);
 #endif
 }
-
-#endif
 
 void on_fiber_start() {
 #if CUEMU_ASAN

@@ -1,43 +1,84 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one call on a lent GPU (see ../shared/GPU.md):
-#   PYTHONPATH=$PWD bash bench/gpu_check.sh
-# GPU tests, the kernel tests under compute-sanitizer (memcheck, racecheck), then the
-# benchmarks; full logs under $OUT (default ./gpu-check), the short tables printed last.
+#   PYTHONPATH=$PWD BUDGET=400 bash bench/gpu_check.sh
+# Fills the kernel cache, runs the GPU tests, the kernel tests under compute-sanitizer
+# (memcheck, racecheck), then the benchmarks, each step cut off at its own limit and none
+# started past BUDGET seconds, so that the script always ends and packs its results.
+# Everything lands in $OUT/gpu-check.tar.gz (logs, JSON, Markdown, PNG); the short tables are
+# printed last. STEPS picks the steps and their order (default: all); QUICK=1 runs fewer
+# benchmark shapes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-check}"
-QUICK="${QUICK:-}"  # QUICK=1: fewer benchmark shapes
-mkdir -p "$OUT"
+BUDGET="${BUDGET:-1500}"
+QUICK="${QUICK:-}"
+STEPS="${STEPS:-compile tests memcheck racecheck prefill decode memory}"
+WORK="$(mktemp -d)/gpu-check"
+mkdir -p "$OUT" "$WORK"
+export CUATTN_CACHE_DIR="$WORK/cache"
 status=0
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures
-    local name=$1; shift
-    echo "== $name: $*"
+
+pack() {
+    rm -rf "$CUATTN_CACHE_DIR"
+    tar -czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$WORK")" gpu-check
+}
+trap pack EXIT
+
+step() {  # step NAME LIMIT COMMAND...: run with a time limit, log to $WORK/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped, ${left} s of the budget left"
+        status=1
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit $limit s): $*"
     local start=$SECONDS
-    "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
-    echo "   exit $rc after $((SECONDS - start)) s (log: $OUT/$name.log)"
-    tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
-    [ $rc -eq 0 ] || status=1
+    echo "   exit $rc after $((SECONDS - start)) s"
+    if [ $rc -eq 0 ]; then
+        tail -n 2 "$WORK/$name.log" | sed 's/^/   | /'
+    else
+        status=1
+        tail -n 40 "$WORK/$name.log" | cut -c1-300 | sed 's/^/   | /'
+    fi
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-step info python3 -m cuattn info --compile
-step gpu-tests python3 -m pytest -q -m gpu tests
-if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck; do
-        step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-            python3 -m pytest -q -m gpu tests/test_attention.py -k "cuda and (decode or gqa-4 or window-both or ragged or mha)"
-    done
-else
-    echo "compute-sanitizer not found: skipped"
-fi
-for bench in prefill decode memory; do
-    step "bench-$bench" python3 -m cuattn bench "$bench" ${QUICK:+--quick} --out "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
+    --format=csv,noheader | tee "$WORK/device.txt"
+git rev-parse HEAD >>"$WORK/device.txt" 2>/dev/null
+arch="sm_$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | tr -d .)"
+# JAX would otherwise take most of the GPU's memory at its first use in the test process.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# A cross-section for the sanitizers: each kernel (forward packed and not, split and
+# combine, merge), each dtype, ragged lengths, masks that hide whole tiles.
+sanitized="tests/test_attention.py tests/test_varlen.py tests/test_kvcache.py tests/test_merge.py
+    tests/test_split_kv.py"
+selection="mha or decode or gqa-4 or window-both or cross-lengths or merging or splits_a_long"
+# pytest-timeout's thread method ends a process stuck in a kernel, where a signal cannot.
+timeouts="-o timeout=120 -o timeout_method=thread"
+for name in $STEPS; do
+    case $name in
+    compile) step compile 120 python3 -m cuattn compile --arch "$arch" ;;
+    tests) step tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider $timeouts -rfE tests ;;
+    memcheck | racecheck)
+        step "$name" 150 compute-sanitizer --tool "$name" --error-exitcode 1 \
+            python3 -m pytest -q -p no:cacheprovider -m gpu $timeouts $sanitized -k "$selection"
+        ;;
+    prefill | decode | memory)
+        step "$name" 240 python3 -m cuattn bench "$name" ${QUICK:+--quick} --out "$WORK"
+        ;;
+    *) echo "unknown step $name" && status=1 ;;
+    esac
 done
-cp "$OUT"/*.json "$OUT"/*.md bench/results/ 2>/dev/null
 
 echo
-echo "== results"
-for f in "$OUT"/prefill-*.md "$OUT"/decode-*.md "$OUT"/memory-*.md; do [ -f "$f" ] && cat "$f"; done
+echo "== results (all files in $OUT/gpu-check.tar.gz)"
+for f in "$WORK"/prefill-*.md "$WORK"/decode-*.md "$WORK"/memory-*.md; do
+    [ -f "$f" ] && cat "$f"
+done
 exit $status

@@ -1,4 +1,4 @@
-"""Command line: ``python -m cuattn info | demo | bench <name>``."""
+"""Command line: ``python -m cuattn info | demo | compile | bench <name>``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,20 @@ def demo(args) -> int:
     return 0
 
 
+def compile_all(args) -> int:
+    """Fill the kernel cache for ``args.arch`` ahead of time (an image build, a GPU job)."""
+    from .backends import cuda
+
+    start = time.perf_counter()
+    compiled = cuda.precompile(args.arch, jobs=args.jobs)
+    print(
+        f"{len(compiled)} kernels for {args.arch} in the cache after "
+        f"{time.perf_counter() - start:.1f} s (compiling took up to "
+        f"{max(seconds for _, seconds in compiled):.1f} s for one)"
+    )
+    return 0
+
+
 def bench(args) -> int:
     package = _bench_package()
     module = importlib.import_module(f"{package.__name__}.{args.name}")
@@ -151,11 +165,17 @@ def main(argv=None) -> int:
     )
     demo_parser = commands.add_parser("demo", help="run attention on the best backend and check it")
     demo_parser.add_argument("--seqlen", type=int, default=1024)
+    compile_parser = commands.add_parser(
+        "compile", help="compile every kernel into the cache ahead of the first call"
+    )
+    compile_parser.add_argument("--arch", default="sm_90", help="e.g. sm_80, sm_90 (default)")
+    compile_parser.add_argument("--jobs", type=int, default=None, help="processes (default: CPUs)")
     bench_parser = commands.add_parser("bench", help="run a benchmark (see bench/)")
     bench_parser.add_argument("name", choices=["cpu", "prefill", "decode", "memory"])
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     args = parser.parse_args(argv)
-    return {"info": info, "demo": demo, "bench": bench}[args.command](args)
+    handlers = {"info": info, "demo": demo, "compile": compile_all, "bench": bench}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 
 import cuattn
 
-from .helpers import assert_close, random_array
+from .helpers import assert_close, random_array, skip_if_unavailable, to_backend, to_host
 from .oracle import attention_oracle
 
 HEADS_Q, HEADS_KV, DIM = 4, 2, 32
@@ -20,48 +20,69 @@ def _steps(rng, steps, dtype=np.float32):
     return q, k, v
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("emulate", marks=pytest.mark.emulate)])
+BACKENDS = [
+    "cpu",
+    pytest.param("emulate", marks=pytest.mark.emulate),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+def _attend(cache, backend, q, k, v):
+    """One step on ``backend`` with the arrays where it computes; the result on the host."""
+    moved = [to_backend(np.ascontiguousarray(a), backend) for a in (q, k, v)]
+    return to_host(cache.attend(*moved, backend=backend))
+
+
+def _like(backend, rng):
+    skip_if_unavailable(backend)
+    return to_backend(random_array(rng, (1,), np.float32), backend) if backend == "cuda" else None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_plain_cache_decodes_like_attention_over_the_prefix(rng, backend):
     q, k, v = _steps(rng, 40)
-    cache = cuattn.KVCache(2, HEADS_KV, DIM, capacity=64, dtype="float32")
+    cache = cuattn.KVCache(2, HEADS_KV, DIM, capacity=64, dtype="float32", like=_like(backend, rng))
     prompt = 25
-    out = cache.attend(q[:, :prompt], k[:, :prompt], v[:, :prompt], backend=backend)
+    out = _attend(cache, backend, q[:, :prompt], k[:, :prompt], v[:, :prompt])
     assert_close(
         out,
         attention_oracle(q[:, :prompt], k[:, :prompt], v[:, :prompt], causal=True)[0],
         np.float32,
     )
     for t in range(prompt, 40):
-        out = cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], backend=backend)
+        out = _attend(cache, backend, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
         expected, _ = attention_oracle(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], causal=True)
         assert_close(out, expected, np.float32)
     assert cache.lengths.tolist() == [40, 40]
     with pytest.raises(
         ValueError, match="cache_seqlens: sequence 0 holds 40 tokens and 30 new ones"
     ):
-        cache.attend(*_steps(rng, 30), backend=backend)
+        _attend(cache, backend, *_steps(rng, 30))
     assert cache.lengths.tolist() == [40, 40]
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("emulate", marks=pytest.mark.emulate)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "prompt", [0, 10, 37], ids=["no-prompt", "short-prompt", "prompt-past-window"]
 )
 def test_rolling_cache_keeps_sinks_and_window_in_bounded_memory(rng, backend, prompt):
     window, sinks, steps = 16, 3, 60
     q, k, v = _steps(rng, steps)
-    cache = cuattn.KVCache(2, HEADS_KV, DIM, dtype="float32", window=window, sink_tokens=sinks)
+    like = _like(backend, rng)
+    cache = cuattn.KVCache(
+        2, HEADS_KV, DIM, dtype="float32", window=window, sink_tokens=sinks, like=like
+    )
     assert cache.k.shape == (2, sinks + window, HEADS_KV, DIM)
     mask = dict(causal=True, window=(window - 1, 0), sink_tokens=sinks)
     if prompt:
-        out = cache.attend(q[:, :prompt], k[:, :prompt], v[:, :prompt], backend=backend)
+        out = _attend(cache, backend, q[:, :prompt], k[:, :prompt], v[:, :prompt])
         assert_close(
             out,
             attention_oracle(q[:, :prompt], k[:, :prompt], v[:, :prompt], **mask)[0],
             np.float32,
         )
     for t in range(prompt, steps):
-        out = cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], backend=backend)
+        out = _attend(cache, backend, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
         expected, _ = attention_oracle(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **mask)
         assert_close(out, expected, np.float32)
     assert cache.k.shape == (2, sinks + window, HEADS_KV, DIM)  # memory did not grow

@@ -15,7 +15,7 @@ from cuattn.dlpack import from_numpy
 from cuattn.kernels import plan_forward
 from cuattn.spec import MaskOptions, batched_sequences, kvcache_sequences, kvcache_spec
 
-from .helpers import DTYPES, assert_close, qkv, random_array
+from .helpers import DTYPES, assert_close, call, qkv, random_array
 from .oracle import attention_oracle, kvcache_oracle
 
 
@@ -71,7 +71,9 @@ def test_prefill_is_neither_packed_nor_split():
 
 @pytest.fixture
 def planned(monkeypatch):
-    """Records the plans the emulation backend launches."""
+    """Records the plans the emulation and CUDA backends launch."""
+    from cuattn.backends import cuda
+
     plans = []
     original = emulate.plan_forward
 
@@ -80,6 +82,7 @@ def planned(monkeypatch):
         return plans[-1]
 
     monkeypatch.setattr(emulate, "plan_forward", spy)
+    monkeypatch.setattr(cuda, "plan_forward", spy)
     return plans
 
 
@@ -120,3 +123,32 @@ def test_split_equals_unsplit(rng, emulate_options, planned):
     np.testing.assert_allclose(split, whole, atol=2e-6, rtol=2e-6)
     np.testing.assert_allclose(split_lse, whole_lse, atol=2e-6, rtol=2e-6)
     assert_close(split, attention_oracle(q, k, v, causal=True)[0], np.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_decoding_on_the_gpu_splits_a_long_cache_and_matches_the_oracle(rng, planned, dtype):
+    # Batch 1 over a long cache cannot fill a real GPU without splitting the keys.
+    batch, capacity, heads_q, heads_kv, dim = 1, 9000, 8, 2, 128
+    q = random_array(rng, (batch, 1, heads_q, dim), dtype)
+    k_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
+    v_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
+    k_new = random_array(rng, (batch, 1, heads_kv, dim), dtype)
+    v_new = random_array(rng, (batch, 1, heads_kv, dim), dtype)
+    lengths = np.array([8777], np.int32)
+    expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, causal=True)
+    out, lse = call(
+        cuattn.attention_with_kvcache,
+        "cuda",
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        lengths,
+        causal=True,
+        return_lse=True,
+    )
+    assert planned[-1].num_splits > 1 and planned[-1].kernel.pack_gqa == (dtype != np.float32)
+    assert_close(out, expected[0], dtype)
+    assert_close(lse, expected[1], dtype, what="lse")

@@ -8,7 +8,10 @@ loaded module kept per device in this process. Launches go to the caller's strea
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -21,6 +24,7 @@ from ..kernels import (
     CombineKernel,
     ForwardKernel,
     MergeKernel,
+    all_kernels,
     dtype_name,
     kernel_dir,
     plan_forward,
@@ -31,8 +35,31 @@ from ..spec import AttentionSpec, Sequences
 _DEFAULT_SHARED_LIMIT = 48 * 1024
 
 
+Kernel = ForwardKernel | CombineKernel | MergeKernel
+
+
 def _cupy():
     return importlib.import_module("cupy")
+
+
+def _compile_into_cache(kernel: Kernel, arch: str) -> float:
+    start = time.perf_counter()
+    CudaBackend._compiled(kernel, arch)
+    return time.perf_counter() - start
+
+
+def precompile(
+    arch: str, kernels: list[Kernel] | None = None, jobs: int | None = None
+) -> list[tuple[str, float]]:
+    """Compile ``kernels`` (by default every instantiation) for ``arch`` into the disk cache,
+    ``jobs`` NVRTC processes at a time, so that no first call pays for compiling; needs no
+    GPU. Returns (kernel name, seconds) per kernel, about 0 for those already cached."""
+    kernels = all_kernels() if kernels is None else kernels
+    # Fresh processes: forking a parent that already holds a CUDA context is not safe.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        seconds = pool.map(_compile_into_cache, kernels, [arch] * len(kernels))
+        return [(kernel.name, s) for kernel, s in zip(kernels, seconds, strict=True)]
 
 
 class CudaBackend:
@@ -71,9 +98,7 @@ class CudaBackend:
         )
 
     @staticmethod
-    def _compiled(
-        kernel: ForwardKernel | CombineKernel | MergeKernel, arch: str
-    ) -> tuple[str, str]:
+    def _compiled(kernel: Kernel, arch: str) -> tuple[str, str]:
         """(cubin path, mangled kernel name), compiled on a miss of the disk cache."""
         sources = [p.read_bytes() for p in sorted(kernel_dir().glob("*.cu*"))]
         stem = digest(
@@ -93,7 +118,7 @@ class CudaBackend:
         cubin = cached_file("cuda", f"{stem}.cubin", compile_to)
         return str(cubin), cubin.with_suffix(".name").read_text()
 
-    def _function(self, kernel: ForwardKernel | CombineKernel | MergeKernel, device_id: int):
+    def _function(self, kernel: Kernel, device_id: int):
         """The loaded kernel for ``device_id``: compiled or read from disk once per process."""
         key = (kernel.name, device_id)
         with self._lock:

@@ -13,7 +13,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-check}"
 BUDGET="${BUDGET:-1500}"
 QUICK="${QUICK:-}"
-STEPS="${STEPS:-compile tests memcheck racecheck prefill decode memory}"
+STEPS="${STEPS:-compile tests memcheck racecheck prefill decode memory tiles}"
 WORK="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$WORK"
 export CUATTN_CACHE_DIR="$WORK/cache"
@@ -69,7 +69,7 @@ for name in $STEPS; do
         step "$name" 150 compute-sanitizer --tool "$name" --error-exitcode 1 \
             python3 -m pytest -q -p no:cacheprovider -m gpu $timeouts $sanitized -k "$selection"
         ;;
-    prefill | decode | memory)
+    prefill | decode | memory | tiles)
         step "$name" 240 python3 -m cuattn bench "$name" ${QUICK:+--quick} --out "$WORK"
         ;;
     *) echo "unknown step $name" && status=1 ;;
@@ -78,7 +78,7 @@ done
 
 echo
 echo "== results (all files in $OUT/gpu-check.tar.gz)"
-for f in "$WORK"/prefill-*.md "$WORK"/decode-*.md "$WORK"/memory-*.md; do
+for f in "$WORK"/prefill-*.md "$WORK"/decode-*.md "$WORK"/memory-*.md "$WORK"/tiles-*.md; do
     [ -f "$f" ] && cat "$f"
 done
 exit $status

@@ -56,6 +56,8 @@ class ForwardKernel:
     softcap: bool
     # Grouped-query packing: a block takes all query heads of one KV head (tensor cores only).
     pack_gqa: bool = False
+    # (block_m, block_n, warps) other than the table's: for tuning (bench/tiles.py).
+    tile_override: tuple[int, int, int] | None = None
 
     source = "fwd.cu"
     params_type = "cuattn::AttentionParams"
@@ -67,6 +69,8 @@ class ForwardKernel:
     @property
     def tile(self) -> tuple[int, int, int]:
         """(block_m, block_n, warps)."""
+        if self.tile_override is not None:
+            return self.tile_override
         return (_TENSOR_CORE_TILES if self.tensor_cores else _SIMT_TILES)[self.head_dim]
 
     @property
@@ -102,6 +106,8 @@ class ForwardKernel:
             )
             if on
         )
+        if self.tile_override is not None:
+            flags += "_m{}n{}w{}".format(*self.tile_override)
         return f"forward_{_SHORT[self.dtype]}_d{self.head_dim}{flags}"
 
     @property
@@ -128,11 +134,18 @@ class ForwardKernel:
         )
 
 
-def forward_kernel(spec: AttentionSpec, pack_gqa: bool = False) -> ForwardKernel:
-    """The instantiation that computes ``spec``."""
+def forward_kernel(
+    spec: AttentionSpec, pack_gqa: bool = False, tile: tuple[int, int, int] | None = None
+) -> ForwardKernel:
+    """The instantiation that computes ``spec`` (with ``tile`` instead of the table's)."""
     windowed = spec.window_left >= 0 or spec.window_right >= 0
     return ForwardKernel(
-        dtype_name(spec.dtype), padded_head_dim(spec.head_dim), windowed, spec.softcap > 0, pack_gqa
+        dtype_name(spec.dtype),
+        padded_head_dim(spec.head_dim),
+        windowed,
+        spec.softcap > 0,
+        pack_gqa,
+        tile,
     )
 
 
@@ -161,7 +174,7 @@ class CombineKernel:
 
 # Grid dimensions y and z may not exceed this on any CUDA device.
 MAX_GRID_YZ = 65535
-MAX_SPLITS = 64
+MAX_SPLITS = 128
 
 
 @dataclass(frozen=True)
@@ -179,19 +192,26 @@ class ForwardPlan:
 
 
 def plan_forward(
-    spec: AttentionSpec, sequences: Sequences, q_shape: tuple[int, ...], multiprocessors: int
+    spec: AttentionSpec,
+    sequences: Sequences,
+    q_shape: tuple[int, ...],
+    multiprocessors: int,
+    *,
+    tile: tuple[int, int, int] | None = None,
+    blocks_per_multiprocessor: int = 2,
 ) -> ForwardPlan:
     """Choose packing and the split count from the shapes and the GPU's multiprocessors.
 
     Few query rows per KV head (decoding) pack the query heads of a group into one block, so
     K and V are read once per group. When even then the blocks cannot fill the GPU and the
     keys are many, the keys are split (flash-decoding): each split is a block of its own,
-    and a second small kernel merges the splits by their lse.
+    and a second small kernel merges the splits by their lse. ``tile`` and
+    ``blocks_per_multiprocessor`` (the split target) are for tuning.
     """
     group = spec.num_heads_q // spec.num_heads_kv
-    unpacked = forward_kernel(spec)
+    unpacked = forward_kernel(spec, tile=tile)
     pack = unpacked.tensor_cores and group > 1 and sequences.max_query_len < unpacked.block_m
-    kernel = forward_kernel(spec, pack_gqa=pack)
+    kernel = forward_kernel(spec, pack_gqa=pack, tile=tile)
     rows = sequences.max_query_len * (group if pack else 1)
     heads = spec.num_heads_kv if pack else spec.num_heads_q
     sequences_count = len(sequences.table)
@@ -201,8 +221,9 @@ def plan_forward(
     key_tiles = -(-max_keys // kernel.block_n)
     splits = 1
     if blocks and blocks < multiprocessors and key_tiles >= 4:
-        # Two blocks per multiprocessor, each split at least two tiles long.
-        splits = max(1, min(2 * multiprocessors // blocks, key_tiles // 2, MAX_SPLITS))
+        # Enough blocks for every multiprocessor, each split at least two tiles long.
+        target = blocks_per_multiprocessor * multiprocessors
+        splits = max(1, min(target // blocks, key_tiles // 2, MAX_SPLITS))
     # spec.py keeps heads and sequences within the grid's limit; splits must stay within it too.
     splits = min(splits, MAX_GRID_YZ // max(sequences_count, 1))
     return ForwardPlan(

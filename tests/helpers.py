@@ -86,8 +86,8 @@ def skip_if_unavailable(backend: str) -> None:
 def to_backend(array, backend: str):
     """Host data placed where ``backend`` computes (PyTorch CUDA tensors for the GPU, as
     they are the one GPU framework with bfloat16)."""
-    if array is None or backend in CPU_SIDE_BACKENDS:
-        return array
+    if not isinstance(array, np.ndarray) or backend in CPU_SIDE_BACKENDS:
+        return array  # None, and plain numbers such as max_seqlen_q, stay as they are
     import torch
 
     array = np.ascontiguousarray(array)

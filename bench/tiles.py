@@ -1,0 +1,202 @@
+"""Tile shapes and split targets of the forward kernel, timed on this GPU: the measurements
+behind the tile table and the split target in cuattn/kernels.py.
+
+Every candidate (block_m, block_n, warps) is compiled ahead (in parallel), checked once
+against PyTorch SDPA, then timed on prefill shapes (16k tokens, bfloat16, D 64 and 128,
+causal and not) and on decode shapes (one query token over a 32k cache, 32 query heads,
+GQA-8 and multi-head) with several split targets (blocks per multiprocessor). SDPA's own
+time is printed beside each case as the yardstick.
+
+    python -m cuattn bench tiles [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+from .report import environment, table, write
+from .timing import attention_flops
+
+PREFILL_TILES = ((64, 64, 4), (128, 32, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8))
+DECODE_TILES = ((64, 64, 4), (16, 64, 1), (16, 128, 1), (32, 64, 2))
+SPLIT_TARGETS = (2, 4, 8)
+TOKENS, MODEL_DIM = 16384, 2048
+HEADS_Q, DECODE_DIM = 32, 128
+
+
+def _prefill_cases(torch, quick):
+    for head_dim in (64, 128):
+        for seqlen in (4096,) if quick else (1024, 4096):
+            for causal in (False, True):
+                yield dict(
+                    kind="prefill",
+                    batch=TOKENS // seqlen,
+                    seqlen=seqlen,
+                    heads_q=MODEL_DIM // head_dim,
+                    heads_kv=MODEL_DIM // head_dim,
+                    head_dim=head_dim,
+                    causal=causal,
+                )
+
+
+def _decode_cases(torch, quick):
+    for batch in (1, 8):
+        for heads_kv in (8, 32):
+            yield dict(
+                kind="decode",
+                batch=batch,
+                seqlen=32768,
+                heads_q=HEADS_Q,
+                heads_kv=heads_kv,
+                head_dim=DECODE_DIM,
+                causal=False,
+            )
+
+
+def _inputs(torch, case):
+    """Two input sets (rotated between runs); decode cases as (q, cache, cache, length)."""
+    query_len = 1 if case["kind"] == "decode" else case["seqlen"]
+    shape_q = (case["batch"], query_len, case["heads_q"], case["head_dim"])
+    shape_kv = (case["batch"], case["seqlen"], case["heads_kv"], case["head_dim"])
+    sets = []
+    for _ in range(2):
+        q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16)
+        sets.append((q, k, v))
+    return sets
+
+
+def _cuattn(case):
+    import cuattn
+
+    if case["kind"] == "decode":
+        return lambda q, k, v: cuattn.attention_with_kvcache(q, k, v, cache_seqlens=k.shape[1])
+    return lambda q, k, v: cuattn.attention(q, k, v, causal=case["causal"])
+
+
+def _sdpa(torch, case):
+    def run(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=case["causal"],
+            enable_gqa=case["heads_q"] != case["heads_kv"],
+        ).transpose(1, 2)
+
+    return run
+
+
+def _kernel_for(case, tile):
+    from cuattn.kernels import ForwardKernel
+
+    packed = case["kind"] == "decode" and case["heads_q"] != case["heads_kv"]
+    return ForwardKernel("bfloat16", case["head_dim"], case["causal"], False, packed, tile)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cuattn bench tiles", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and runs")
+    parser.add_argument("--out", help="directory for the results (default bench/results)")
+    args = parser.parse_args(argv)
+    import cupy
+    import torch
+
+    from cuattn import kernels
+    from cuattn.backends import cuda
+
+    from .timing_cuda import device_description, time_cuda
+
+    runs = 5 if args.quick else 15
+    cases = [*_prefill_cases(torch, args.quick), *_decode_cases(torch, args.quick)]
+    candidates = []
+    for case in cases:
+        tiles = PREFILL_TILES if case["kind"] == "prefill" else DECODE_TILES
+        targets = (2,) if case["kind"] == "prefill" else SPLIT_TARGETS
+        candidates += [(case, tile, target) for tile in tiles for target in targets]
+    arch = f"sm_{cupy.cuda.Device().compute_capability}"
+    unique = list({_kernel_for(c, t): None for c, t, _ in candidates})
+    cuda.precompile(arch, unique, jobs=os.cpu_count())
+    original_plan = cuda.plan_forward
+    rows = []
+    try:
+        for case in cases:
+            sets = _inputs(torch, case)
+            sdpa = _sdpa(torch, case)
+            reference = sdpa(*sets[0]).float()
+            sdpa_time = time_cuda(lambda i, s=sets, f=sdpa: f(*s[i % 2]), runs=runs).median
+            ours = _cuattn(case)
+            for c, tile, target in candidates:
+                if c is not case:
+                    continue
+                cuda.plan_forward = functools.partial(
+                    kernels.plan_forward, tile=tile, blocks_per_multiprocessor=target
+                )
+                error = float((torch.from_dlpack(ours(*sets[0])).float() - reference).abs().max())
+                timing = time_cuda(lambda i, s=sets, f=ours: f(*s[i % 2]), runs=runs)
+                if case["kind"] == "prefill":
+                    flops = attention_flops(
+                        case["batch"],
+                        case["heads_q"],
+                        case["seqlen"],
+                        case["seqlen"],
+                        case["head_dim"],
+                        case["causal"],
+                    )
+                    rate = f"{flops / timing.median / 1e12:.0f} TFLOP/s"
+                else:
+                    moved = 2 * 2 * case["batch"] * case["seqlen"] * case["heads_kv"] * DECODE_DIM
+                    rate = f"{moved / timing.median / 1e9:.0f} GB/s"
+                rows.append(
+                    dict(
+                        case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
+                        f"Hkv={case['heads_kv']} D={case['head_dim']}"
+                        + (" causal" if case["causal"] else ""),
+                        tile="x".join(map(str, tile)),
+                        split_target=target,
+                        us=round(timing.median * 1e6, 1),
+                        rate=rate,
+                        vs_sdpa=round(sdpa_time / timing.median, 2),
+                        max_abs_diff=f"{error:.1e}",
+                        timing=timing.as_dict(),
+                    )
+                )
+                print(
+                    f"  {rows[-1]['case']} tile {rows[-1]['tile']} target {target}: "
+                    f"{rows[-1]['us']} us, {rate}, {rows[-1]['vs_sdpa']}x SDPA, "
+                    f"diff {error:.1e}",
+                    flush=True,
+                )
+            del sets
+            torch.cuda.empty_cache()
+    finally:
+        cuda.plan_forward = original_plan
+    name, driver = device_description()
+    env = environment(device=name, driver=driver)
+    stem = f"tiles-{name.replace(' ', '_')}-{env['date'][:10]}"
+    text = table(
+        rows,
+        [
+            ("case", "case"),
+            ("tile", "block_m x block_n x warps"),
+            ("split_target", "blocks per SM"),
+            ("us", "us"),
+            ("rate", "rate"),
+            ("vs_sdpa", "vs SDPA"),
+            ("max_abs_diff", "max |diff| vs SDPA"),
+        ],
+    )
+    title = f"# Forward kernel tiles, {name}, driver {driver}, {env['date'][:10]}"
+    title += f", commit {env['git_commit']}"
+    path = write(stem, dict(environment=env, rows=rows), args.out)
+    path.with_suffix(".md").write_text(f"{title}\n\n{text}\n")
+    print(f"{title}\n\n{text}\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,9 +20,10 @@ import sys
 from .report import environment, table, write
 from .timing import attention_flops
 
-PREFILL_TILES = ((64, 64, 4), (128, 32, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8))
-DECODE_TILES = ((64, 64, 4), (16, 64, 1), (16, 128, 1), (32, 64, 2))
-SPLIT_TARGETS = (2, 4, 8)
+# None: what cuattn/kernels.py chooses (its tile table, its split target).
+PREFILL_TILES = (None, (64, 32, 4), (128, 64, 8), (64, 128, 4))
+DECODE_TILES = (None, (64, 64, 4), (32, 64, 2), (16, 64, 1))
+SPLIT_TARGETS = (None, 2, 8)
 TOKENS, MODEL_DIM = 16384, 2048
 HEADS_Q, DECODE_DIM = 32, 128
 
@@ -116,10 +117,10 @@ def main(argv=None) -> int:
     candidates = []
     for case in cases:
         tiles = PREFILL_TILES if case["kind"] == "prefill" else DECODE_TILES
-        targets = (2,) if case["kind"] == "prefill" else SPLIT_TARGETS
+        targets = (None,) if case["kind"] == "prefill" else SPLIT_TARGETS
         candidates += [(case, tile, target) for tile in tiles for target in targets]
     arch = f"sm_{cupy.cuda.Device().compute_capability}"
-    unique = list({_kernel_for(c, t): None for c, t, _ in candidates})
+    unique = list({_kernel_for(c, t): None for c, t, _ in candidates if t is not None})
     cuda.precompile(arch, unique, jobs=os.cpu_count())
     original_plan = cuda.plan_forward
     rows = []
@@ -156,8 +157,8 @@ def main(argv=None) -> int:
                         case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
                         f"Hkv={case['heads_kv']} D={case['head_dim']}"
                         + (" causal" if case["causal"] else ""),
-                        tile="x".join(map(str, tile)),
-                        split_target=target,
+                        tile="x".join(map(str, tile)) if tile else "default",
+                        split_target=target or "default",
                         us=round(timing.median * 1e6, 1),
                         rate=rate,
                         vs_sdpa=round(sdpa_time / timing.median, 2),

@@ -25,9 +25,18 @@ _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 
 # (block_m, block_n, warps) per (tensor cores?, head dim). Chosen so that every
 # instantiation compiles for sm_80 and sm_90 with no register spills
-# (tests/test_kernel_build.py); 128-row tiles spill at head dims >= 64.
-_TENSOR_CORE_TILES = {d: (64, 64, 4) for d in HEAD_DIMS}
+# (tests/test_kernel_build.py), and by timing on an H200 (bench/tiles.py, results in
+# bench/results/tiles-*): 128-row tiles spill at head dims >= 128, and at 64 they were
+# slower than 64 rows.
+_TENSOR_CORE_TILES = {d: (64, 64, 4) for d in HEAD_DIMS} | {256: (64, 16, 4)}
 _SIMT_TILES = {d: (32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
+# Decoding (at most this many query rows per block: one token, or the packed query heads
+# of a group) takes a tile of 32 rows and 2 warps with the same per-warp work, so registers
+# are unchanged; the halved block leaves room for twice the blocks per multiprocessor,
+# which split-KV fills: DECODE_BLOCKS_PER_MULTIPROCESSOR against PREFILL_... (measured).
+DECODE_ROWS = 32
+DECODE_BLOCKS_PER_MULTIPROCESSOR = 4
+PREFILL_BLOCKS_PER_MULTIPROCESSOR = 2
 
 
 def kernel_dir() -> Path:
@@ -58,6 +67,8 @@ class ForwardKernel:
     pack_gqa: bool = False
     # (block_m, block_n, warps) other than the table's: for tuning (bench/tiles.py).
     tile_override: tuple[int, int, int] | None = None
+    # The decoding tile (DECODE_ROWS rows; tensor cores only).
+    decode: bool = False
 
     source = "fwd.cu"
     params_type = "cuattn::AttentionParams"
@@ -71,7 +82,12 @@ class ForwardKernel:
         """(block_m, block_n, warps)."""
         if self.tile_override is not None:
             return self.tile_override
-        return (_TENSOR_CORE_TILES if self.tensor_cores else _SIMT_TILES)[self.head_dim]
+        if not self.tensor_cores:
+            return _SIMT_TILES[self.head_dim]
+        block_m, block_n, warps = _TENSOR_CORE_TILES[self.head_dim]
+        if self.decode:
+            return DECODE_ROWS, block_n, warps * DECODE_ROWS // block_m
+        return block_m, block_n, warps
 
     @property
     def block_m(self) -> int:
@@ -103,6 +119,7 @@ class ForwardKernel:
                 (self.windowed, "_windowed"),
                 (self.softcap, "_softcap"),
                 (self.pack_gqa, "_packed"),
+                (self.decode, "_decode"),
             )
             if on
         )
@@ -125,17 +142,21 @@ class ForwardKernel:
 
     def variants(self) -> tuple[ForwardKernel, ...]:
         """This kernel's siblings that differ only in flags (they build together)."""
-        packing = (False, True) if self.tensor_cores else (False,)
+        tensor_core_only = (False, True) if self.tensor_cores else (False,)
         return tuple(
-            replace(self, windowed=w, softcap=s, pack_gqa=p)
+            replace(self, windowed=w, softcap=s, pack_gqa=p, decode=d)
             for w in (False, True)
             for s in (False, True)
-            for p in packing
+            for p in tensor_core_only
+            for d in tensor_core_only
         )
 
 
 def forward_kernel(
-    spec: AttentionSpec, pack_gqa: bool = False, tile: tuple[int, int, int] | None = None
+    spec: AttentionSpec,
+    pack_gqa: bool = False,
+    tile: tuple[int, int, int] | None = None,
+    decode: bool = False,
 ) -> ForwardKernel:
     """The instantiation that computes ``spec`` (with ``tile`` instead of the table's)."""
     windowed = spec.window_left >= 0 or spec.window_right >= 0
@@ -146,6 +167,7 @@ def forward_kernel(
         spec.softcap > 0,
         pack_gqa,
         tile,
+        decode,
     )
 
 
@@ -198,7 +220,7 @@ def plan_forward(
     multiprocessors: int,
     *,
     tile: tuple[int, int, int] | None = None,
-    blocks_per_multiprocessor: int = 2,
+    blocks_per_multiprocessor: int | None = None,
 ) -> ForwardPlan:
     """Choose packing and the split count from the shapes and the GPU's multiprocessors.
 
@@ -211,8 +233,13 @@ def plan_forward(
     group = spec.num_heads_q // spec.num_heads_kv
     unpacked = forward_kernel(spec, tile=tile)
     pack = unpacked.tensor_cores and group > 1 and sequences.max_query_len < unpacked.block_m
-    kernel = forward_kernel(spec, pack_gqa=pack, tile=tile)
     rows = sequences.max_query_len * (group if pack else 1)
+    decode = unpacked.tensor_cores and tile is None and rows <= DECODE_ROWS
+    kernel = forward_kernel(spec, pack_gqa=pack, tile=tile, decode=decode)
+    if blocks_per_multiprocessor is None:
+        blocks_per_multiprocessor = (
+            DECODE_BLOCKS_PER_MULTIPROCESSOR if decode else PREFILL_BLOCKS_PER_MULTIPROCESSOR
+        )
     heads = spec.num_heads_kv if pack else spec.num_heads_q
     sequences_count = len(sequences.table)
     grid = (-(-rows // kernel.block_m), heads, sequences_count)
@@ -220,9 +247,9 @@ def plan_forward(
     max_keys = int(sequences.table[:, 4].max()) if sequences_count else 0
     key_tiles = -(-max_keys // kernel.block_n)
     splits = 1
-    if blocks and blocks < multiprocessors and key_tiles >= 4:
+    target = blocks_per_multiprocessor * multiprocessors
+    if blocks and blocks < target and key_tiles >= 4:
         # Enough blocks for every multiprocessor, each split at least two tiles long.
-        target = blocks_per_multiprocessor * multiprocessors
         splits = max(1, min(target // blocks, key_tiles // 2, MAX_SPLITS))
     # spec.py keeps heads and sequences within the grid's limit; splits must stay within it too.
     splits = min(splits, MAX_GRID_YZ // max(sequences_count, 1))

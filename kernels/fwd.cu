@@ -253,9 +253,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
         for (int r = 0; r < kRows; ++r)
 #pragma unroll
             for (int c = 0; c < Layout::kKeyColumns; ++c) scores[r][c] = 0.0f;
+        // Over the padded head dim too: the padding is zero in Q and K (load_tile), and a
+        // loop bound known at compile time keeps the whole product one basic block, where
+        // ptxas can issue the next ldmatrix while the mma before it runs.
 #pragma unroll
         for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
-            if (ks * 16 >= head_dim) break;  // padded head dims are zeros on both sides
 #pragma unroll
             for (int mt = 0; mt < Layout::kRowTiles; ++mt) {
                 uint32 a[4];
@@ -311,8 +313,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
                                      Traits::pack(scores[r][c + 2], scores[r][c + 3]),
                                      Traits::pack(scores[r + 1][c + 2], scores[r + 1][c + 3])};
 #pragma unroll
-                for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {
-                    if (dp * 16 >= head_dim) break;
+                for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {  // padded V columns are zero
                     uint32 b[4];
                     ldmatrix_x4<true>(b, v_tile.row(ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) + dp * 16 +
                                              (lane / 16) * 8);

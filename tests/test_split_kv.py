@@ -38,7 +38,8 @@ def _decode_plan(
 def test_decoding_packs_query_heads_and_splits_the_keys_to_fill_the_gpu():
     plan = _decode_plan(batch=1, heads_q=32, heads_kv=8, cache_len=128 * 1024, multiprocessors=132)
     assert plan.kernel.pack_gqa and plan.grid[:2] == (1, 8)  # 4 query heads per block
-    assert plan.num_splits == 33 and plan.grid[2] == 33  # 8 blocks -> 2 per multiprocessor
+    assert plan.kernel.decode and plan.kernel.block_m == 32
+    assert plan.num_splits == 66 and plan.grid[2] == 66  # 8 blocks -> 4 per multiprocessor
     # A big batch fills the GPU by itself: no split.
     assert (
         _decode_plan(
@@ -66,7 +67,8 @@ def test_prefill_is_neither_packed_nor_split():
         {"q": from_numpy(q), "k": from_numpy(k), "v": from_numpy(k)}, MaskOptions()
     )
     plan = plan_forward(spec, batched_sequences(4, 2048, 2048), q.shape, 132)
-    assert not plan.kernel.pack_gqa and plan.num_splits == 1 and plan.grid == (32, 32, 4)
+    assert not plan.kernel.pack_gqa and not plan.kernel.decode
+    assert plan.num_splits == 1 and plan.grid == (32, 32, 4)
 
 
 @pytest.fixture

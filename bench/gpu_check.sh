@@ -13,7 +13,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-check}"
 BUDGET="${BUDGET:-1500}"
 QUICK="${QUICK:-}"
-STEPS="${STEPS:-compile tests memcheck racecheck prefill decode memory tiles}"
+STEPS="${STEPS:-compile demo tests memcheck racecheck prefill decode memory tiles}"
 WORK="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$WORK"
 export CUATTN_CACHE_DIR="$WORK/cache"
@@ -64,6 +64,7 @@ timeouts="-o timeout=120 -o timeout_method=thread"
 for name in $STEPS; do
     case $name in
     compile) step compile 120 python3 -m cuattn compile --arch "$arch" ;;
+    demo) step demo 60 python3 -m cuattn demo ;;
     tests) step tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider $timeouts -rfE tests ;;
     memcheck | racecheck)
         step "$name" 150 compute-sanitizer --tool "$name" --error-exitcode 1 \

@@ -25,10 +25,14 @@ _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 
 # (block_m, block_n, warps) per (tensor cores?, head dim). Chosen so that every
 # instantiation compiles for sm_80 and sm_90 with no register spills
-# (tests/test_kernel_build.py), and by timing on an H200 (bench/tiles.py, results in
-# bench/results/tiles-*): 128-row tiles spill at head dims >= 128, and at 64 they were
-# slower than 64 rows.
-_TENSOR_CORE_TILES = {d: (64, 64, 4) for d in HEAD_DIMS} | {256: (64, 16, 4)}
+# (tests/test_kernel_build.py), and at head dims 64 and 128 by timing candidates on an
+# H200 (bench/tiles.py; bench/results/tiles-*): 64 x 32 was the fastest at 64, 128 x 64
+# over 8 warps at 128. 256 needs the narrow key tile to stay in registers.
+_TENSOR_CORE_TILES = {d: (64, 64, 4) for d in HEAD_DIMS} | {
+    64: (64, 32, 4),
+    128: (128, 64, 8),
+    256: (64, 16, 4),
+}
 _SIMT_TILES = {d: (32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
 # Decoding (at most this many query rows per block: one token, or the packed query heads
 # of a group) takes a tile of 32 rows and 2 warps with the same per-warp work, so registers

@@ -66,32 +66,47 @@ __global__ void __launch_bounds__(128) merge_states(const MergeParams p) {
 
 // Split-KV's second step: each (output row, head) merges the num_splits states that the
 // forward kernel left in the workspace (params.cuh: split_out, split_lse), and writes the
-// result where an unsplit launch would have. One warp per (row, head).
+// result where an unsplit launch would have. One warp per (row, head): the lanes share out
+// the splits to find the largest lse and the total weight (warp reductions, no chain of
+// dependent loads over the splits), then each lane sums its head-dim columns over the
+// splits, every split's load independent of the one before.
 template <class Element>
 __global__ void __launch_bounds__(128) combine_splits(const AttentionParams p) {
     using Traits = ElementTraits<Element>;
     const unsigned index = blockIdx.x * 4 + threadIdx.x / 32;
     if (index >= p.split_rows * p.num_heads_q) return;
     const int lane = int(threadIdx.x % 32);
+    const int splits = int(p.num_splits);
     const unsigned heads = unsigned(p.num_heads_q);
     const int64 head = index % heads, row = index / heads;
     const int64 slots = p.split_rows * p.num_heads_q;  // slot of (split s, row, head): s * slots + index
+    const float* split_lse = p.split_lse + index;
+    const float* split_out = p.split_out + int64(index) * p.head_dim;
+
     float top = negative_infinity();
-    for (int64 s = 0; s < p.num_splits; ++s) top = fmaxf(top, p.split_lse[s * slots + index]);
+    for (int s = lane; s < splits; s += 32) top = fmaxf(top, split_lse[s * slots]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(kFullWarp, top, offset));
     float total = 0.0f;
-    for (int64 s = 0; s < p.num_splits; ++s) {
-        total += top == negative_infinity() ? 0.0f : __expf(p.split_lse[s * slots + index] - top);
+    if (top != negative_infinity()) {
+        for (int s = lane; s < splits; s += 32) total += __expf(split_lse[s * slots] - top);
     }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(kFullWarp, total, offset);
+
     const int64 b = unsigned(row) / unsigned(p.seqlen_q), token = unsigned(row) % unsigned(p.seqlen_q);
     Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + token * p.out_row_stride +
                    head * p.out_head_stride;
+    const float inverse_total = total > 0.0f ? 1.0f / total : 0.0f;  // no visible key anywhere: 0
     for (int64 d = lane; d < p.head_dim; d += 32) {
         float value = 0.0f;
-        for (int64 s = 0; s < p.num_splits && total > 0.0f; ++s) {
-            const float weight = __expf(p.split_lse[s * slots + index] - top) / total;
-            value += weight * p.split_out[(s * slots + index) * p.head_dim + d];
+        if (total > 0.0f) {
+#pragma unroll 8
+            for (int s = 0; s < splits; ++s) {
+                value += __expf(split_lse[s * slots] - top) * split_out[s * slots * p.head_dim + d];
+            }
         }
-        out[d] = Traits::from_float(value);
+        out[d] = Traits::from_float(value * inverse_total);
     }
     if (p.lse != nullptr && lane == 0) {
         p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + token] =

@@ -68,7 +68,7 @@ def test_prefill_is_neither_packed_nor_split():
     )
     plan = plan_forward(spec, batched_sequences(4, 2048, 2048), q.shape, 132)
     assert not plan.kernel.pack_gqa and not plan.kernel.decode
-    assert plan.num_splits == 1 and plan.grid == (32, 32, 4)
+    assert plan.num_splits == 1 and plan.grid == (2048 // plan.kernel.block_m, 32, 4)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one call on a lent GPU (see ../shared/GPU.md):
 #   PYTHONPATH=$PWD BUDGET=400 bash bench/gpu_check.sh
+# (on a copy of the tree without its git history, also CUATTN_GIT_COMMIT=<commit>)
 # Fills the kernel cache, runs the GPU tests, the kernel tests under compute-sanitizer
 # (memcheck, racecheck), then the benchmarks, each step cut off at its own limit and none
 # started past BUDGET seconds, so that the script always ends and packs its results.
@@ -50,7 +51,8 @@ step() {  # step NAME LIMIT COMMAND...: run with a time limit, log to $WORK/NAME
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
     --format=csv,noheader | tee "$WORK/device.txt"
-git rev-parse HEAD >>"$WORK/device.txt" 2>/dev/null
+# A tree copied without its history is told its commit through CUATTN_GIT_COMMIT.
+echo "commit ${CUATTN_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" >>"$WORK/device.txt"
 arch="sm_$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | tr -d .)"
 # JAX would otherwise take most of the GPU's memory at its first use in the test process.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -9,6 +9,7 @@ pointer, a shape, strides and a dtype. Nothing here imports a framework.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,7 +150,7 @@ class RawArray:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def numpy(self) -> np.ndarray:
         """A zero-copy NumPy view of host memory (bfloat16 as ml_dtypes.bfloat16)."""

@@ -10,6 +10,7 @@ the caller's current stream; nothing synchronizes the device.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -229,7 +230,7 @@ _HOST_ALIGNMENT = 64
 
 
 def _aligned_host_empty(shape, dtype: np.dtype) -> np.ndarray:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     block = np.empty(nbytes + _HOST_ALIGNMENT, np.uint8)
     start = -block.ctypes.data % _HOST_ALIGNMENT
     return block[start : start + nbytes].view(dtype).reshape(shape)

@@ -21,6 +21,22 @@ struct bfloat16 {
 
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000); }
 
+// 2^x for the softmax: a single ex2.approx.ftz. exp2f is ex2.approx without .ftz, which
+// ptxas wraps in a range test and two multiplies so that results under 2^-126 keep their
+// subnormal precision. In the online softmax each row's largest term is exactly 1, so a
+// term that small is far below float32's resolution of the sum it joins: flushing it to
+// zero changes no result. The emulation flushes the same way.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if CUATTN_EMULATED
+    const float y = std::exp2(x);
+    return y < 1.17549435e-38f ? 0.0f : y;  // FLT_MIN
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 #if CUATTN_EMULATED
 
 inline uint16 float_to_half_bits(float value) {

@@ -48,12 +48,12 @@ struct OnlineSoftmax {
             // While a row has seen only masked keys its maximum is -inf; exponentiating
             // against 0 instead gives it zero probabilities, where -inf - -inf would be NaN.
             const float reference = new_max == negative_infinity() ? 0.0f : new_max;
-            rescale[r] = exp2f(row_max[r] - reference);  // 0 when nothing was seen before
+            rescale[r] = exp2_ftz(row_max[r] - reference);  // 0 when nothing was seen before
             row_max[r] = new_max;
             float tile_sum = 0.0f;
 #pragma unroll
             for (int c = 0; c < COLS; ++c) {
-                scores[r][c] = exp2f(scores[r][c] - reference);
+                scores[r][c] = exp2_ftz(scores[r][c] - reference);
                 tile_sum += scores[r][c];
             }
             row_sum[r] = row_sum[r] * rescale[r] + tile_sum;

@@ -64,8 +64,12 @@ def plot(path: Path) -> Path | None:
         axis.legend()
     elif kind == "prefill":
         groups = sorted({(r["dtype"], r["head_dim"], r["causal"]) for r in data["rows"]})
-        figure, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
-        for axis, (dtype, dim, causal) in zip(axes[0], groups, strict=True):
+        columns = min(len(groups), 4)
+        rows = -(-len(groups) // columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.5 * rows), squeeze=False)
+        for axis in axes.flat[len(groups) :]:
+            axis.set_visible(False)
+        for axis, (dtype, dim, causal) in zip(axes.flat, groups, strict=False):
             series = defaultdict(list)
             for r in data["rows"]:
                 if (r["dtype"], r["head_dim"], r["causal"]) == (dtype, dim, causal):

@@ -69,6 +69,10 @@ for name in $STEPS; do
     demo) step demo 60 python3 -m cuattn demo ;;
     tests) step tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider $timeouts -rfE tests ;;
     memcheck | racecheck)
+        if ! command -v compute-sanitizer >/dev/null; then
+            echo "== $name: skipped, compute-sanitizer not found"
+            continue
+        fi
         step "$name" 150 compute-sanitizer --tool "$name" --error-exitcode 1 \
             python3 -m pytest -q -p no:cacheprovider -m gpu $timeouts $sanitized -k "$selection"
         ;;

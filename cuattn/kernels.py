@@ -16,8 +16,9 @@ from pathlib import Path
 from .dlpack import BFLOAT16
 from .spec import AttentionSpec, Sequences
 
-# Head dims the kernels are compiled for; a call's head dim rounds up to the next one and
-# the padding columns are zero in shared memory (and skipped by the k16 loops).
+# Head dims the kernels are compiled for; a call's head dim rounds up to the next one. The
+# padding columns are zero in shared memory and the k16 loops run over them too (a loop
+# bound known at compile time is worth more than the skipped steps; see kernels/fwd.cu).
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 _DTYPE_NAMES = {"float16": "cuattn::half", "bfloat16": "cuattn::bfloat16", "float32": "float"}
@@ -35,9 +36,9 @@ _TENSOR_CORE_TILES = {d: (64, 64, 4) for d in HEAD_DIMS} | {
 }
 _SIMT_TILES = {d: (32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
 # Decoding (at most this many query rows per block: one token, or the packed query heads
-# of a group) takes a tile of 32 rows and 2 warps with the same per-warp work, so registers
-# are unchanged; the halved block leaves room for twice the blocks per multiprocessor,
-# which split-KV fills: DECODE_BLOCKS_PER_MULTIPROCESSOR against PREFILL_... (measured).
+# of a group) takes a tile of DECODE_ROWS rows with the prefill tile's per-warp work (16
+# rows a warp), so registers are unchanged; the smaller block leaves room for more blocks
+# per multiprocessor, which split-KV fills. Both targets were measured (bench/tiles.py).
 DECODE_ROWS = 32
 DECODE_BLOCKS_PER_MULTIPROCESSOR = 4
 PREFILL_BLOCKS_PER_MULTIPROCESSOR = 2
@@ -76,6 +77,11 @@ class ForwardKernel:
 
     source = "fwd.cu"
     params_type = "cuattn::AttentionParams"
+
+    def __post_init__(self):
+        if self.tile_override is not None and not self.tensor_cores:
+            # Its block is 4 lanes per row (block_m * 4 threads): a warp count means nothing.
+            raise ValueError("tile_override: the float32 kernel's tile is fixed")
 
     @property
     def tensor_cores(self) -> bool:

@@ -1,10 +1,11 @@
 // Online softmax: the running (max, sum) of a row, updated one tile of scores at a time.
 //
 // Scores arrive in base 2 (log2(e) is folded into the score scale), so every exponential
-// is an exp2f. Each row is spread over the 4 lanes of a quad (the mma accumulator layout,
-// and the SIMT kernel's too): the maximum is reduced across the quad at every tile, because
-// all four lanes must rescale by the same factor; the sum stays a per-lane partial until
-// finish_row(), since rescaling commutes with adding the partials up.
+// is a base-2 one (exp2_ftz in the per-tile update, numeric.cuh). Each row is spread over
+// the 4 lanes of a quad (the mma accumulator layout, and the SIMT kernel's too): the
+// maximum is reduced across the quad at every tile, because all four lanes must rescale by
+// the same factor; the sum stays a per-lane partial until finish_row(), since rescaling
+// commutes with adding the partials up.
 #pragma once
 
 #include "numeric.cuh"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import cuattn
-from cuattn.backends import cuda
 
 from .helpers import assert_close, random_array, skip_if_unavailable, to_host
 from .oracle import attention_oracle
@@ -114,14 +113,3 @@ def test_host_and_device_arrays_do_not_mix(rng):
     host = torch.from_numpy(q)
     with pytest.raises(ValueError, match="v: is on .* but q is on"):
         cuattn.attention(host, host, host.cuda())
-
-
-def test_precompile_fills_the_cache_that_launches_read(monkeypatch, tmp_path):
-    skip_if_unavailable("cuda")
-    cupy = pytest.importorskip("cupy")
-    monkeypatch.setenv("CUATTN_CACHE_DIR", str(tmp_path))
-    arch = f"sm_{cupy.cuda.Device().compute_capability}"
-    kernels = cuda.all_kernels()[:3]
-    compiled = cuda.precompile(arch, kernels, jobs=2)
-    assert [name for name, _ in compiled] == [k.name for k in kernels]
-    assert len(list(tmp_path.rglob("*.cubin"))) == 3

@@ -84,3 +84,19 @@ def test_instantiation_keys_are_unique():
     names = [k.name for k in all_kernels()]
     assert len(names) == len(set(names)) and all(name.isidentifier() for name in names)
     assert {k.head_dim for k in all_kernels() if isinstance(k, ForwardKernel)} == set(HEAD_DIMS)
+
+
+def test_precompile_fills_the_disk_cache_in_parallel(monkeypatch, tmp_path):
+    try:
+        nvrtc.library()
+    except nvrtc.NvrtcError as error:
+        pytest.skip(str(error))
+    from cuattn.backends import cuda
+
+    monkeypatch.setenv("CUATTN_CACHE_DIR", str(tmp_path))  # the worker processes inherit it
+    kernels = [k for k in all_kernels() if not isinstance(k, ForwardKernel)][:2]  # quick ones
+    compiled = cuda.precompile("sm_80", kernels, jobs=2)
+    assert [name for name, _ in compiled] == [k.name for k in kernels]
+    assert len(list(tmp_path.rglob("*.cubin"))) == 2
+    again = cuda.precompile("sm_80", kernels, jobs=2)
+    assert all(seconds < 0.5 for _, seconds in again)  # read from the cache, not compiled

@@ -7,7 +7,6 @@ loaded module kept per device in this process. Launches go to the caller's strea
 
 from __future__ import annotations
 
-import collections
 import importlib
 import multiprocessing
 import threading
@@ -70,8 +69,6 @@ class CudaBackend:
         self._functions: dict[tuple[str, int], object] = {}
         self._sm_counts: dict[int, int] = {}
         self._lock = threading.Lock()
-        # Pinned staging buffers of host-to-device copies still in flight, with their events.
-        self._uploads = collections.deque()
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -156,7 +153,9 @@ class CudaBackend:
             lengths = {}
             for name, raw in sequences.lengths.items():
                 if raw.device.kind == "cpu":  # lengths given as an int, a list or a host array
-                    on_device = self._upload(raw.numpy())
+                    # CuPy stages the copy through pinned memory on the current stream: the
+                    # call does not wait for the GPU.
+                    on_device = cupy.asarray(raw.numpy())
                     raw = RawArray(
                         on_device.data.ptr,
                         raw.shape,
@@ -189,25 +188,6 @@ class CudaBackend:
                     (combine.threads, 1, 1),
                     (params,),
                 )
-
-    def _upload(self, host: np.ndarray):
-        """``host`` copied to the current device on the current stream, from pinned memory:
-        unlike a copy from pageable memory, which first waits for the stream, the call goes
-        on without waiting for the GPU (a decoding step launches sooner)."""
-        cupy = _cupy()
-        pinned = cupy.cuda.alloc_pinned_memory(max(host.nbytes, 1))
-        staging = np.frombuffer(pinned, host.dtype, host.size).reshape(host.shape)
-        staging[...] = host
-        stream = cupy.cuda.get_current_stream()
-        device = cupy.empty(host.shape, host.dtype)
-        device.set(staging, stream=stream)
-        # A freed pinned buffer goes back to CuPy's pool and may be handed out again at
-        # once: keep each one until its copy has run.
-        with self._lock:
-            self._uploads.append((stream.record(), pinned))
-            while self._uploads and self._uploads[0][0].done:
-                self._uploads.popleft()
-        return device
 
     def _multiprocessors(self, device_id: int) -> int:
         if device_id not in self._sm_counts:

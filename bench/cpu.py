@@ -16,8 +16,7 @@ import sys
 
 import numpy as np
 
-from .plot import plot
-from .report import environment, table, write
+from .report import publish, table
 from .timing import attention_flops, time_host
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -170,7 +169,6 @@ def main(argv=None) -> int:
             ("max_abs_diff_vs_first", "max |diff| vs cuattn"),
         ],
     )
-    print(speed_table)
     memory = []
     for seqlen, which in (
         (4096, "cuattn (numba)"),
@@ -195,17 +193,14 @@ def main(argv=None) -> int:
             ("extra_mib", "extra MiB"),
         ],
     )
-    print("\npeak memory beyond inputs and output, causal, float32:")
-    print(memory_table)
-    env = environment()
-    name = f"cpu-{env['date'][:10]}"
-    path = write(name, dict(environment=env, throughput=speed, memory=memory), args.out)
-    plot(path)
-    path.with_suffix(".md").write_text(
-        f"# CPU backend, {env['date'][:10]}, {env['cpu']} ({env['cpu_count']} cores), "
-        f"commit {env['git_commit']}\n\n" + speed_table + "\n\n" + memory_table + "\n"
+    publish(
+        "cpu",
+        "CPU backend",
+        f"{speed_table}\n\nPeak memory beyond inputs and output, causal, float32:\n\n"
+        + memory_table,
+        dict(throughput=speed, memory=memory),
+        args.out,
     )
-    print(f"\nwrote {path} and {path.with_suffix('.md').name}")
     return 0
 
 

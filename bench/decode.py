@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .plot import plot
-from .report import environment, progress, table, write
+from .report import progress, publish, table
 
 HEADS_Q, HEAD_DIM = 32, 128
 # Caches larger than this share of the GPU's memory are skipped (with a note).
@@ -130,8 +129,6 @@ def main(argv=None) -> int:
                         )
                     )
     name, driver = device_description()
-    env = environment(device=name, driver=driver)
-    stem = f"decode-{name.replace(' ', '_')}-{env['date'][:10]}"
     text = table(
         rows,
         [
@@ -155,14 +152,15 @@ def main(argv=None) -> int:
             ("speedup_over_mha", "speed-up over MHA"),
         ],
     )
-    path = write(stem, dict(environment=env, copy_bandwidth=copy, rows=rows, gqa=gqa), args.out)
-    plot(path)
-    path.with_suffix(".md").write_text(
-        f"# Decode, {name}, driver {driver}, {env['date'][:10]}, commit {env['git_commit']}\n\n"
-        f"Device-to-device copy: {copy / 1e9:.0f} GB/s.\n\n{text}\n\n## GQA\n\n{gqa_text}\n"
+    publish(
+        "decode",
+        "Decode",
+        f"Device-to-device copy: {copy / 1e9:.0f} GB/s.\n\n{text}\n\n## GQA\n\n{gqa_text}",
+        dict(copy_bandwidth=copy, rows=rows, gqa=gqa),
+        args.out,
+        name,
+        driver,
     )
-    print(text + "\n\n" + gqa_text)
-    print(f"\nwrote {path}")
     return 0
 
 

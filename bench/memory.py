@@ -13,8 +13,7 @@ import argparse
 import math
 import sys
 
-from .plot import plot
-from .report import environment, table, write
+from .report import publish, table
 
 HEADS, HEAD_DIM = 16, 128
 
@@ -89,8 +88,6 @@ def main(argv=None) -> int:
         del q, k, v
         torch.cuda.empty_cache()
     name, driver = device_description()
-    env = environment(device=name, driver=driver)
-    stem = f"memory-{name.replace(' ', '_')}-{env['date'][:10]}"
     text = table(
         rows,
         [
@@ -100,13 +97,7 @@ def main(argv=None) -> int:
             ("naive_mib", "naive peak MiB"),
         ],
     )
-    path = write(stem, dict(environment=env, rows=rows), args.out)
-    plot(path)
-    path.with_suffix(".md").write_text(
-        f"# Peak memory, {name}, {env['date'][:10]}, commit {env['git_commit']}\n\n{text}\n"
-    )
-    print(text)
-    print(f"\nwrote {path}")
+    publish("memory", "Peak memory", text, dict(rows=rows), args.out, name, driver)
     return 0
 
 

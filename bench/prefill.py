@@ -15,8 +15,7 @@ import argparse
 import math
 import sys
 
-from .plot import plot
-from .report import environment, progress, table, write
+from .report import progress, publish, table
 from .timing import attention_flops
 
 TOKENS = 16384
@@ -144,8 +143,6 @@ def main(argv=None) -> int:
                     )
                 del inputs
     name, driver = device_description()
-    env = environment(device=name, driver=driver)
-    stem = f"prefill-{name.replace(' ', '_')}-{env['date'][:10]}"
     columns = [
         ("dtype", "dtype"),
         ("head_dim", "D"),
@@ -157,15 +154,7 @@ def main(argv=None) -> int:
         ("cuattn_speedup", "cuattn speed-up"),
         ("max_abs_diff", "max |diff| vs cuattn"),
     ]
-    text = table(rows, columns)
-    path = write(stem, dict(environment=env, rows=rows), args.out)
-    plot(path)
-    path.with_suffix(".md").write_text(
-        f"# Prefill, {name}, driver {driver}, {env['date'][:10]}, "
-        f"commit {env['git_commit']}\n\n{text}\n"
-    )
-    print(text)
-    print(f"\nwrote {path}")
+    publish("prefill", "Prefill", table(rows, columns), dict(rows=rows), args.out, name, driver)
     return 0
 
 

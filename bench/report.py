@@ -81,6 +81,34 @@ def write(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     return path
 
 
+def publish(
+    kind: str,
+    title: str,
+    body: str,
+    payload: dict,
+    out_dir: Path | None,
+    device: str | None = None,
+    driver: str | None = None,
+    plotted: bool = True,
+) -> Path:
+    """Write a benchmark's results: ``<kind>-<device>-<date>.json`` (``payload`` with the
+    environment), a Markdown file headed by ``title``, the device, date and commit, with
+    ``body`` below, and the PNG (``plotted``). Prints ``body``; returns the JSON path."""
+    env = environment(device=device, driver=driver)
+    date = env["date"][:10]
+    where = f"{device.replace(' ', '_')}-" if device else ""
+    path = write(f"{kind}-{where}{date}", dict(environment=env, **payload), out_dir)
+    if plotted:
+        from .plot import plot
+
+        plot(path)
+    machine = f"{device}, driver {driver}" if device else f"{env['cpu']} ({env['cpu_count']} cores)"
+    heading = f"# {title}, {machine}, {date}, commit {env['git_commit']}"
+    path.with_suffix(".md").write_text(f"{heading}\n\n{body}\n")
+    print(f"{body}\n\nwrote {path} and {path.with_suffix('.md').name}")
+    return path
+
+
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A Markdown table of ``rows``; ``columns`` are (key, heading) pairs."""
     head = "| " + " | ".join(h for _, h in columns) + " |"

@@ -17,7 +17,7 @@ import functools
 import os
 import sys
 
-from .report import environment, table, write
+from .report import publish, table
 from .timing import attention_flops
 
 # None: what cuattn/kernels.py chooses (its tile table, its split target).
@@ -177,8 +177,6 @@ def main(argv=None) -> int:
     finally:
         cuda.plan_forward = original_plan
     name, driver = device_description()
-    env = environment(device=name, driver=driver)
-    stem = f"tiles-{name.replace(' ', '_')}-{env['date'][:10]}"
     text = table(
         rows,
         [
@@ -191,11 +189,7 @@ def main(argv=None) -> int:
             ("max_abs_diff", "max |diff| vs SDPA"),
         ],
     )
-    title = f"# Forward kernel tiles, {name}, driver {driver}, {env['date'][:10]}"
-    title += f", commit {env['git_commit']}"
-    path = write(stem, dict(environment=env, rows=rows), args.out)
-    path.with_suffix(".md").write_text(f"{title}\n\n{text}\n")
-    print(f"{title}\n\n{text}\nwrote {path}")
+    publish("tiles", "Forward kernel tiles", text, dict(rows=rows), args.out, name, driver, False)
     return 0
 
 

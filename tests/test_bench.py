@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.plot import plot
-from bench.report import environment, table, write
+from bench.report import environment, publish, table, write
 from bench.timing import Timing, attention_flops, time_host
 
 
@@ -68,3 +68,14 @@ def test_every_result_kind_plots(tmp_path, kind):
     assert json.loads(path.read_text())["environment"]["git_commit"]
     png = plot(path)
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_publish_writes_the_json_and_a_headed_markdown_file(tmp_path, capsys):
+    path = publish(
+        "tiles", "Tiles", "| a |", dict(rows=[{"a": 1}]), tmp_path, "Some GPU", "13.0", False
+    )
+    assert path.name.startswith("tiles-Some_GPU-") and path.suffix == ".json"
+    assert json.loads(path.read_text())["rows"] == [{"a": 1}]
+    markdown = path.with_suffix(".md").read_text()
+    assert markdown.startswith("# Tiles, Some GPU, driver 13.0, ") and "commit " in markdown
+    assert "| a |" in markdown and "| a |" in capsys.readouterr().out

@@ -100,3 +100,11 @@ def test_precompile_fills_the_disk_cache_in_parallel(monkeypatch, tmp_path):
     assert len(list(tmp_path.rglob("*.cubin"))) == 2
     again = cuda.precompile("sm_80", kernels, jobs=2)
     assert all(seconds < 0.5 for _, seconds in again)  # read from the cache, not compiled
+
+
+def test_the_float32_kernel_refuses_a_tile_override():
+    # Its threads are 4 per query row: a (block_m, block_n, warps) tile would launch the
+    # wrong block size and leave rows unwritten.
+    with pytest.raises(ValueError, match="tile_override: the float32 kernel's tile is fixed"):
+        ForwardKernel("float32", 64, False, False, tile_override=(64, 32, 4))
+    assert ForwardKernel("bfloat16", 64, False, False, tile_override=(64, 32, 4)).threads == 128

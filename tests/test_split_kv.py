@@ -88,16 +88,20 @@ def planned(monkeypatch):
     return plans
 
 
+def _cache_step(rng, batch, capacity, new_tokens, heads_q, heads_kv, dim, dtype):
+    """q, k_cache, v_cache, k_new, v_new of one decoding step, fresh random data."""
+    q = random_array(rng, (batch, new_tokens, heads_q, dim), dtype)
+    caches = [random_array(rng, (batch, capacity, heads_kv, dim), dtype) for _ in "kv"]
+    new = [random_array(rng, (batch, new_tokens, heads_kv, dim), dtype) for _ in "kv"]
+    return q, *caches, *new
+
+
 @pytest.mark.emulate
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_split_and_packed_decoding_matches_the_oracle(rng, emulate_options, planned, dtype):
     emulate_options(multiprocessors=1000)  # a huge GPU: as many splits as the keys allow
-    batch, capacity, heads_q, heads_kv, dim = 2, 700, 8, 2, 64
-    q = random_array(rng, (batch, 3, heads_q, dim), dtype)
-    k_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
-    v_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
-    k_new = random_array(rng, (batch, 3, heads_kv, dim), dtype)
-    v_new = random_array(rng, (batch, 3, heads_kv, dim), dtype)
+    heads_q = 8
+    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 2, 700, 3, heads_q, 2, 64, dtype)
     lengths = np.array([650, 211], np.int32)
     options = dict(
         causal=True,
@@ -131,12 +135,7 @@ def test_split_equals_unsplit(rng, emulate_options, planned):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_decoding_on_the_gpu_splits_a_long_cache_and_matches_the_oracle(rng, planned, dtype):
     # Batch 1 over a long cache cannot fill a real GPU without splitting the keys.
-    batch, capacity, heads_q, heads_kv, dim = 1, 9000, 8, 2, 128
-    q = random_array(rng, (batch, 1, heads_q, dim), dtype)
-    k_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
-    v_cache = random_array(rng, (batch, capacity, heads_kv, dim), dtype)
-    k_new = random_array(rng, (batch, 1, heads_kv, dim), dtype)
-    v_new = random_array(rng, (batch, 1, heads_kv, dim), dtype)
+    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 1, 9000, 1, 8, 2, 128, dtype)
     lengths = np.array([8777], np.int32)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, causal=True)
     out, lse = call(

@@ -6,6 +6,8 @@ B in {1, 8, 64}, cache length in {4k, 32k, 128k}, 32 query heads, 32 / 8 / 1 KV 
 measured in the same run (issue 5's target: at least 80% on every row with B * len >= 32k),
 the ratio to PyTorch SDPA on the same cache (target 1.5x), and the seed's GQA table: decode
 time of MHA, GQA-8 and MQA for the same query heads, and each one's speed-up over MHA.
+Also the host time per call of cuattn and SDPA (launches back to back, no waiting): a
+call whose host time exceeds its GPU time is bound by the host.
 
     python -m cuattn bench decode [--quick] [--out DIR]
 """
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
 
     import cuattn
 
-    from .timing_cuda import device_description, time_cuda
+    from .timing_cuda import device_description, host_time, time_cuda
 
     batches = (1, 8) if args.quick else (1, 8, 64)
     lengths = (4096, 32768) if args.quick else (4096, 32768, 131072)
@@ -93,6 +95,10 @@ def main(argv=None) -> int:
                         f"{str(failure).splitlines()[0][:100]}"
                     )
                     sdpa_time = None
+                host_us = round(host_time(ours, runs=runs).median * 1e6, 1)
+                sdpa_host_us = (
+                    round(host_time(sdpa, runs=runs).median * 1e6, 1) if sdpa_time else None
+                )
                 rows.append(
                     dict(
                         batch=batch,
@@ -103,6 +109,8 @@ def main(argv=None) -> int:
                         of_copy=f"{moved / timing.median / copy:.0%}",
                         vs_sdpa=round(sdpa_time / timing.median, 2) if sdpa_time else None,
                         max_abs_diff=f"{error:.1e}",
+                        host_us=host_us,
+                        sdpa_host_us=sdpa_host_us,
                         timing=timing.as_dict(),
                     )
                 )
@@ -140,6 +148,8 @@ def main(argv=None) -> int:
             ("of_copy", "of copy bandwidth"),
             ("vs_sdpa", "vs SDPA"),
             ("max_abs_diff", "max |diff| vs SDPA"),
+            ("host_us", "host us per call"),
+            ("sdpa_host_us", "SDPA host us per call"),
         ],
     )
     gqa_text = table(

@@ -4,8 +4,8 @@ behind the tile table and the split target in cuattn/kernels.py.
 Every candidate (block_m, block_n, warps) is compiled ahead (in parallel), checked once
 against PyTorch SDPA, then timed on prefill shapes (16k tokens, bfloat16, D 64 and 128,
 causal and not) and on decode shapes (one query token over a 32k cache, 32 query heads,
-GQA-8 and multi-head) with several split targets (blocks per multiprocessor). SDPA's own
-time is printed beside each case as the yardstick.
+GQA-8 and multi-head; multi-query over 128k) with several split targets (blocks per
+multiprocessor). SDPA's own time is printed beside each case as the yardstick.
 
     python -m cuattn bench tiles [--quick] [--out DIR]
 """
@@ -20,10 +20,15 @@ import sys
 from .report import publish, table
 from .timing import attention_flops
 
-# None: what cuattn/kernels.py chooses (its tile table, its split target).
-PREFILL_TILES = (None, (64, 32, 4), (128, 64, 8), (64, 128, 4))
-DECODE_TILES = (None, (64, 64, 4), (32, 64, 2), (16, 64, 1))
-SPLIT_TARGETS = (None, 2, 8)
+# None: what cuattn/kernels.py chooses (its tile table, its split target). The candidates
+# give each warp 32 query rows, two m16 tiles sharing every K and V fragment read from
+# shared memory, as FlashAttention-2 does; the table's tiles give each warp 16. (Sweep
+# 51487b8 timed 128x32x4 before the kernel's loops shared those fragments: bench/NOTES.md.)
+PREFILL_TILES = {64: (None, (128, 32, 4), (128, 64, 4)), 128: (None, (128, 32, 4))}
+# The decoding tile (32 rows over 2 warps) won the sweeps of 51487b8 and cabfe46; what is
+# left open is how many splits pay.
+DECODE_TILES = (None,)
+SPLIT_TARGETS = (None, 2, 8, 16)
 TOKENS, MODEL_DIM = 16384, 2048
 HEADS_Q, DECODE_DIM = 32, 128
 
@@ -44,17 +49,18 @@ def _prefill_cases(torch, quick):
 
 
 def _decode_cases(torch, quick):
-    for batch in (1, 8):
-        for heads_kv in (8, 32):
-            yield dict(
-                kind="decode",
-                batch=batch,
-                seqlen=32768,
-                heads_q=HEADS_Q,
-                heads_kv=heads_kv,
-                head_dim=DECODE_DIM,
-                causal=False,
-            )
+    # Multi-query over one long cache: one block before splitting, the split cap decides.
+    shapes = [(1, 8, 32768), (1, 32, 32768), (8, 8, 32768), (8, 32, 32768), (1, 1, 131072)]
+    for batch, heads_kv, seqlen in shapes:
+        yield dict(
+            kind="decode",
+            batch=batch,
+            seqlen=seqlen,
+            heads_q=HEADS_Q,
+            heads_kv=heads_kv,
+            head_dim=DECODE_DIM,
+            causal=False,
+        )
 
 
 def _inputs(torch, case):
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
     cases = [*_prefill_cases(torch, args.quick), *_decode_cases(torch, args.quick)]
     candidates = []
     for case in cases:
-        tiles = PREFILL_TILES if case["kind"] == "prefill" else DECODE_TILES
+        tiles = PREFILL_TILES[case["head_dim"]] if case["kind"] == "prefill" else DECODE_TILES
         targets = (None,) if case["kind"] == "prefill" else SPLIT_TARGETS
         candidates += [(case, tile, target) for tile in tiles for target in targets]
     arch = f"sm_{cupy.cuda.Device().compute_capability}"

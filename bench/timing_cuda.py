@@ -5,6 +5,7 @@ current stream, which CuPy is pointed at too), so the events time exactly its wo
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 from .timing import Timing
@@ -16,10 +17,11 @@ _FLUSH_BYTES = 256 * 2**20
 @contextlib.contextmanager
 def one_stream():
     """CuPy's current stream set to PyTorch's, for the duration."""
-    import cupy
     import torch
 
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+    from cuattn.interop import cupy_stream
+
+    with cupy_stream(torch.cuda.current_stream().cuda_stream):
         yield
 
 
@@ -41,6 +43,24 @@ def time_cuda(function: Callable[[int], object], *, warmup: int = 3, runs: int =
             end.record(stream)
             end.synchronize()
             samples.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return Timing.of(samples)
+
+
+def host_time(function: Callable[[int], object], *, warmup: int = 3, runs: int = 20) -> Timing:
+    """Host seconds per call of ``function(i)``: what the calling thread spends launching,
+    calls back to back without waiting for the GPU. Where this exceeds the GPU time the
+    call is bound by its host work, and the CUDA-event time of a lone call includes it."""
+    import cupy
+
+    with one_stream():
+        for i in range(warmup):
+            function(i)
+        samples = []
+        for i in range(runs):
+            start = time.perf_counter()
+            function(warmup + i)
+            samples.append(time.perf_counter() - start)
+        cupy.cuda.get_current_stream().synchronize()
     return Timing.of(samples)
 
 

@@ -75,6 +75,28 @@ def _require_cupy():
         ) from error
 
 
+class _StreamHandle:
+    """A raw cudaStream_t offered through the CUDA stream protocol."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def cupy_stream(handle: int):
+    """CuPy's view of a stream it does not own, given as a raw handle: through the CUDA
+    stream protocol where CuPy has it (14 and later, which deprecates ExternalStream)."""
+    cupy = _require_cupy()
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(handle)
+    return from_external(_StreamHandle(handle))
+
+
 @dataclass
 class CallArrays:
     """A call's arrays, imported: the framework results go back to, device and stream."""
@@ -170,7 +192,7 @@ def host_copy(call: CallArrays, name: str) -> np.ndarray:
         return np.array(raw.numpy())
     cupy = _require_cupy()
     with cupy.cuda.Device(raw.device.index):
-        return as_cupy(raw).get(stream=cupy.cuda.ExternalStream(call.stream))
+        return as_cupy(raw).get(stream=cupy_stream(call.stream))
 
 
 # --- results --------------------------------------------------------------------------------
@@ -277,6 +299,6 @@ def _stream_waiter(device: Device):
 
     def wait(consumer_stream: int) -> None:
         with cupy.cuda.Device(device.index):
-            cupy.cuda.ExternalStream(consumer_stream).wait_event(event)
+            cupy_stream(consumer_stream).wait_event(event)
 
     return wait

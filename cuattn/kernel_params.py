@@ -96,7 +96,11 @@ def attention_params(
     if lse is not None:
         p["lse_batch_stride"], p["lse_head_stride"] = lse.strides[:2]
     p["batch"] = len(sequences.table)
-    p["seqlen_q"], p["seqlen_k"] = q.shape[1], k.shape[1]
+    p["seqlen_q"] = q.shape[1]
+    # Keys per sequence where the kernel reads no lengths: every sequence of a padded batch
+    # has the same count, which for a cache filled to one length is less than its capacity.
+    uniform = sequences.kind == "batched" and len(sequences.table)
+    p["seqlen_k"] = int(sequences.table[0, 4]) if uniform else k.shape[1]
     p["num_heads_q"], p["num_heads_kv"] = spec.num_heads_q, spec.num_heads_kv
     p["head_dim"] = spec.head_dim
     p["new_tokens"] = sequences.new_tokens

@@ -183,14 +183,14 @@ def forward_kernel(
 
 @dataclass(frozen=True)
 class CombineKernel:
-    """Split-KV's second kernel: merges the splits' states (combine.cu)."""
+    """Split-KV's second kernel: merges the splits' states (combine.cu), a block per
+    (output row, head)."""
 
     dtype: str
 
     source = "combine.cu"
     params_type = "cuattn::AttentionParams"
-    threads = 128
-    shared_bytes = 0
+    threads = 256  # combine.cu's kCombineThreads
 
     @property
     def name(self) -> str:
@@ -200,13 +200,25 @@ class CombineKernel:
     def expression(self) -> str:
         return f"cuattn::combine_splits<{_DTYPE_NAMES[self.dtype]}>"
 
+    @property
+    def shared_bytes(self) -> int:
+        """A float per split (up to MAX_SPLITS) and per warp, rounded up to 16 bytes, then a
+        float4 per thread."""
+        scalars = -(-(MAX_SPLITS + self.threads // 32) // 4) * 4
+        return 4 * scalars + 16 * self.threads
+
     def grid(self, rows: int, heads: int) -> tuple[int, int, int]:
-        return (-(-(rows * heads) // 4), 1, 1)  # a warp per (row, head)
+        return (rows * heads, 1, 1)
 
 
 # Grid dimensions y and z may not exceed this on any CUDA device.
 MAX_GRID_YZ = 65535
-MAX_SPLITS = 128
+# The split count is set by the blocks target (a few blocks per multiprocessor); this cap
+# only binds when a launch has fewer than about 4 blocks before splitting (multi-query
+# decoding of one to four sequences), where 128, the cap before, left a 132-multiprocessor
+# GPU one small block on each. More splits timed slower while combine_splits issued its
+# loads one after another (bench/NOTES.md); whether 512 pays now is for the next sweep.
+MAX_SPLITS = 512
 
 
 @dataclass(frozen=True)

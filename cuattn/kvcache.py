@@ -5,7 +5,10 @@ step's keys and values in place and attends over everything cached so far. Rolli
 (sliding-window models, StreamingLLM) keeps only ``sink_tokens + window`` slots: the first
 ``sink_tokens`` positions stay, position p >= sink_tokens lives in slot
 ``sink_tokens + (p - sink_tokens) % window``, so memory does not grow with the sequence while
-masks keep using true positions.
+masks keep using true positions. Steps of one token and prompts into an empty cache attend
+in place; a chunk of several tokens into a cache that holds some (chunked prefill,
+speculative decoding) attends over a copy of the window per sequence, since the chunk's own
+tokens would otherwise overwrite keys its earlier queries still see.
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ class KVCache:
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: must be float16, bfloat16 or float32, got {dtype}")
         shape = (batch, capacity, num_heads_kv, head_dim)
+        self._template = template  # where temporaries go: the cache's framework and device
+        self._dtype = dtype
         self.k = _zeros(template, shape, dtype)
         self.v = _zeros(template, shape, dtype)
         self.capacity = capacity
@@ -122,6 +127,10 @@ class KVCache:
             scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse, backend=backend
         )
         new_tokens = k_new.shape[1]
+        if self.rolling:
+            # The plain path's checks live in attention_with_kvcache; these paths write to
+            # the cache before or without it.
+            self._check_step(q, k_new, v_new)
         if not self.rolling:
             result = attention_with_kvcache(
                 q,
@@ -138,30 +147,27 @@ class KVCache:
         elif not self.lengths.any():
             result = self._rolling_prefill(q, k_new, v_new, options)
         else:
-            raise NotImplementedError(
-                "k_new: a rolling cache takes one token per step once it holds tokens (or a whole "
-                f"prompt while empty); got {new_tokens} tokens for sequences already holding "
-                f"{int(self.lengths.max())}"
-            )
+            result = self._rolling_chunk(q, k_new, v_new, options)
         self.lengths += new_tokens
         return result
 
-    def _write(self, k_new, v_new, slots: np.ndarray, backend: str) -> None:
-        """Write the new tokens of sequence b at slots [slots[b], slots[b] + seqlen_new)."""
-        call = interop.import_arrays(
-            {"k_cache": self.k, "v_cache": self.v, "k_new": k_new, "v_new": v_new},
-            writable=("k_cache", "v_cache"),
-        )
-        raw = call.raw
-        if raw["k_new"].shape != (self.k.shape[0], k_new.shape[1], *self.k.shape[2:]):
+    def _check_step(self, q, k_new, v_new) -> None:
+        """The shapes a rolling step writes with, checked before anything is written."""
+        batch, _, heads, dim = self.k.shape
+        for name, array in (("k_new", k_new), ("v_new", v_new)):
+            shape = tuple(array.shape)
+            if len(shape) != 4 or (shape[0], *shape[2:]) != (batch, heads, dim):
+                raise ValueError(
+                    f"{name}: expected shape ({batch}, seqlen_new, {heads}, {dim}), got {shape}"
+                )
+        if v_new.shape[1] != k_new.shape[1]:
             raise ValueError(
-                f"k_new: expected shape ({self.k.shape[0]}, seqlen_new, {self.k.shape[2]}, "
-                f"{self.k.shape[3]}), got {tuple(raw['k_new'].shape)}"
+                f"v_new: expected {k_new.shape[1]} tokens like k_new, got {v_new.shape[1]}"
             )
-        engine = backends.select(backend, call.device)
-        engine.append_kv(
-            raw["k_cache"], raw["v_cache"], raw["k_new"], raw["v_new"], slots, call.stream
-        )
+        if len(q.shape) != 4 or q.shape[0] != batch:
+            raise ValueError(
+                f"q: expected shape ({batch}, seqlen_q, num_heads_q, {dim}), got {tuple(q.shape)}"
+            )
 
     def _rolling_step(self, q, k_new, v_new, options):
         # The new token overwrites the oldest window token, which it no longer sees; every
@@ -169,7 +175,7 @@ class KVCache:
         # does not care in which order keys are stored).
         n, window = self.sink_tokens, self.window
         slots = np.where(self.lengths < n + window, self.lengths, n + (self.lengths - n) % window)
-        self._write(k_new, v_new, slots, options["backend"])
+        self._copy(self.k, self.v, k_new, v_new, slots, options["backend"])
         filled = np.minimum(self.lengths + 1, n + window).astype(np.int32)
         return attention_with_kvcache(q, self.k, self.v, cache_seqlens=filled, **options)
 
@@ -178,28 +184,119 @@ class KVCache:
         result = attention(
             q, k_new, v_new, causal=True, window=(window - 1, 0), sink_tokens=n, **options
         )
-        total = k_new.shape[1]
-        zero = np.zeros(len(self.lengths), np.int64)
-        if total <= n + window:
-            self._write(k_new, v_new, zero, options["backend"])
-            return result
-        self._write(k_new[:, :n], v_new[:, :n], zero, options["backend"])
-        # The last `window` positions, each to its slot: one run up to the end of the
-        # buffer, and the rest wrapped around to just after the sinks.
-        first = total - window
-        start_slot = n + (first - n) % window
-        head = n + window - start_slot
-        self._write(
-            k_new[:, first : first + head],
-            v_new[:, first : first + head],
-            zero + start_slot,
-            options["backend"],
-        )
-        if head < window:
-            self._write(
-                k_new[:, first + head :], v_new[:, first + head :], zero + n, options["backend"]
-            )
+        self._store(self.k, self.v, k_new, v_new, 0, options["backend"])
         return result
+
+    def _rolling_chunk(self, q, k_new, v_new, options):
+        """Several tokens into a rolling cache that already holds some (chunked prefill,
+        speculative decoding). Stored first, the chunk would overwrite window tokens its own
+        earlier queries still see; so each sequence attends over a copy of what it keeps, in
+        position order, followed by the chunk, and the chunk is stored afterwards. With the
+        sinks in front, a gap in positions between them and the window changes nothing: sinks
+        are always visible, and within the window the mask only looks at distances."""
+        n, window = self.sink_tokens, self.window
+        backend = options["backend"]
+        new_tokens = k_new.shape[1]
+        results = []
+        for b, length in enumerate(self.lengths.tolist()):
+            runs = self._slots_in_position_order(length)
+            kept = sum(end - begin for begin, end in runs)
+            shape = (1, kept + new_tokens, *self.k.shape[2:])
+            keys = interop.empty(self._template, shape, self._dtype).array()
+            values = interop.empty(self._template, shape, self._dtype).array()
+            offset = 0
+            for begin, end in runs:
+                self._copy(
+                    keys,
+                    values,
+                    self.k[b : b + 1, begin:end],
+                    self.v[b : b + 1, begin:end],
+                    offset,
+                    backend,
+                )
+                offset += end - begin
+            self._copy(keys, values, k_new[b : b + 1], v_new[b : b + 1], offset, backend)
+            results.append(
+                attention(
+                    q[b : b + 1],
+                    keys,
+                    values,
+                    causal=True,
+                    window=(window - 1, 0),
+                    sink_tokens=n,
+                    **options,
+                )
+            )
+            self._store(
+                self.k[b : b + 1],
+                self.v[b : b + 1],
+                k_new[b : b + 1],
+                v_new[b : b + 1],
+                length,
+                backend,
+            )
+        return _stack(results, q, options["return_lse"])
+
+    def _slots_in_position_order(self, length: int) -> list[tuple[int, int]]:
+        """Slot runs [begin, end) holding a sequence's kept tokens, oldest first: the sinks,
+        then the window from its oldest slot to the buffer's end and on from after the sinks."""
+        n, window = self.sink_tokens, self.window
+        if length <= n + window:
+            return [(0, length)] if length else []  # nothing overwritten yet: slot = position
+        oldest = n + (length - window - n) % window
+        runs = [(0, n), (oldest, n + window), (n, oldest)]
+        return [(begin, end) for begin, end in runs if end > begin]
+
+    def _store(self, k, v, k_new, v_new, first: int, backend: str) -> None:
+        """Store tokens at positions [first, first + seqlen_new) of every sequence of (k, v)
+        in their slots: positions below sink_tokens in their own slot, the others at
+        sink_tokens + (p - sink_tokens) % window, of which only the last `window` survive."""
+        n, window = self.sink_tokens, self.window
+        total = k_new.shape[1]
+        sinks_end = min(max(n - first, 0), total)  # chunk indices [0, sinks_end) are sinks
+        if sinks_end:
+            self._copy(k, v, k_new[:, :sinks_end], v_new[:, :sinks_end], first, backend)
+        start = max(sinks_end, total - window)  # the older ones would be overwritten anyway
+        if start >= total:
+            return
+        slot = n + (first + start - n) % window
+        head = min(total - start, n + window - slot)  # up to the buffer's end, then wrap
+        self._copy(
+            k, v, k_new[:, start : start + head], v_new[:, start : start + head], slot, backend
+        )
+        if start + head < total:
+            self._copy(k, v, k_new[:, start + head :], v_new[:, start + head :], n, backend)
+
+    @staticmethod
+    def _copy(k, v, k_new, v_new, slots, backend: str) -> None:
+        """k[b, slots[b] : slots[b] + seqlen_new] = k_new[b] for every sequence b, and v
+        likewise, through the backend (slots: an int for all, or one per sequence)."""
+        call = interop.import_arrays(
+            {"k_cache": k, "v_cache": v, "k_new": k_new, "v_new": v_new},
+            writable=("k_cache", "v_cache"),
+        )
+        raw = call.raw
+        slots = np.broadcast_to(np.asarray(slots, np.int64), raw["k_cache"].shape[:1])
+        engine = backends.select(backend, call.device)
+        engine.append_kv(
+            raw["k_cache"], raw["v_cache"], raw["k_new"], raw["v_new"], slots, call.stream
+        )
+
+
+def _stack(results, q, return_lse: bool):
+    """Per-sequence results of attention() as one batch, in q's framework."""
+    call = interop.import_arrays({"q": q})
+    outs = [r[0] if return_lse else r for r in results]
+    out = interop.empty(call, tuple(call.raw["q"].shape), call.raw["q"].dtype).array()
+    for b, part in enumerate(outs):
+        out[b : b + 1] = part
+    if not return_lse:
+        return out
+    lses = [r[1] for r in results]
+    lse = interop.empty(call, (len(results), *lses[0].shape[1:]), np.float32).array()
+    for b, part in enumerate(lses):
+        lse[b : b + 1] = part
+    return out, lse
 
 
 def _zeros(template: interop.CallArrays, shape, dtype):

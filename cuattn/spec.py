@@ -426,12 +426,19 @@ def varlen_sequences(
 def kvcache_sequences(
     cache_seqlens: np.ndarray, seqlen_q: int, new_tokens: int, lengths: dict | None = None
 ) -> Sequences:
-    """Each sequence attends over its cached tokens plus the ``new_tokens`` appended."""
-    batch = len(cache_seqlens)
-    table = np.zeros((batch, 5), np.int64)
-    table[:, 0] = np.arange(batch)
+    """Each sequence attends over its cached tokens plus the ``new_tokens`` appended.
+
+    Caches all filled to the same length (the usual decoding batch, and any batch of one)
+    are a padded batch of that many keys: the kernels then read no lengths from device
+    memory, which saves each decoding step a host-to-device copy.
+    """
+    keys = cache_seqlens.astype(np.int64) + new_tokens
+    if len(keys) and (keys == keys[0]).all():
+        return batched_sequences(len(keys), seqlen_q, int(keys[0]))
+    table = np.zeros((len(keys), 5), np.int64)
+    table[:, 0] = np.arange(len(keys))
     table[:, 2] = seqlen_q
-    table[:, 4] = cache_seqlens.astype(np.int64) + new_tokens
+    table[:, 4] = keys
     return Sequences("kvcache", table, new_tokens, lengths or {})
 
 

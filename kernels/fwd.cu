@@ -225,10 +225,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
     const int warp = int(threadIdx.x) / 32;
     const int lane = int(threadIdx.x) % 32;
     const int warp_row = warp * Layout::kRowsPerWarp;
-    // The token each of this lane's rows stands for (packed rows share tokens), for the mask.
-    int64 row_token[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) row_token[r] = work.token(lane_row(warp_row, r));
     const int64 first_token = work.token(0), last_token = work.token(work.rows - 1);
     OnlineSoftmax<kRows> softmax;
     softmax.init();
@@ -255,20 +251,23 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             for (int c = 0; c < Layout::kKeyColumns; ++c) scores[r][c] = 0.0f;
         // Over the padded head dim too: the padding is zero in Q and K (load_tile), and a
         // loop bound known at compile time keeps the whole product one basic block, where
-        // ptxas can issue the next ldmatrix while the mma before it runs.
+        // ptxas can issue the next ldmatrix while the mma before it runs. Each K fragment is
+        // read from shared memory once for all the warp's m16 tiles: with two tiles a warp
+        // reads half the K bytes per mma (the reason for 32 rows a warp).
 #pragma unroll
         for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+            uint32 a[Layout::kRowTiles][4];
 #pragma unroll
             for (int mt = 0; mt < Layout::kRowTiles; ++mt) {
-                uint32 a[4];
-                ldmatrix_x4<false>(a, q_tile.row(warp_row + mt * 16 + lane % 16) + ks * 16 + (lane / 16) * 8);
+                ldmatrix_x4<false>(a[mt], q_tile.row(warp_row + mt * 16 + lane % 16) + ks * 16 + (lane / 16) * 8);
+            }
 #pragma unroll
-                for (int np = 0; np < BLOCK_N / 16; ++np) {
-                    uint32 b[4];
-                    ldmatrix_x4<false>(b, k_tile.row(np * 16 + (lane / 16) * 8 + lane % 8) + ks * 16 +
-                                              ((lane / 8) % 2) * 8);
-                    mma_into<Element>(scores, mt, np, a, b);
-                }
+            for (int np = 0; np < BLOCK_N / 16; ++np) {
+                uint32 b[4];
+                ldmatrix_x4<false>(b, k_tile.row(np * 16 + (lane / 16) * 8 + lane % 8) + ks * 16 +
+                                          ((lane / 8) % 2) * 8);
+#pragma unroll
+                for (int mt = 0; mt < Layout::kRowTiles; ++mt) mma_into<Element>(scores, mt, np, a[mt], b);
             }
         }
         __syncthreads();  // every warp is done with K[t]: it may be overwritten
@@ -279,12 +278,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys));
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
+            // The token this row stands for (packed rows share tokens), found again in each
+            // cut tile rather than held in registers across the loop.
+            const int64 token = cut ? work.token(lane_row(warp_row, r)) : 0;
 #pragma unroll
             for (int c = 0; c < Layout::kKeyColumns; ++c) {
                 scores[r][c] = base2_score<SOFTCAP>(scores[r][c], params);
                 if (cut) {
                     const int column = lane_column(c);
-                    if (column >= keys || !mask.visible(row_token[r], key_begin + column)) {
+                    if (column >= keys || !mask.visible(token, key_begin + column)) {
                         scores[r][c] = negative_infinity();
                     }
                 }
@@ -302,23 +304,25 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
 
         // O += P V: P, this lane's probabilities, is already in the A layout (two adjacent
         // 8-key column tiles of the C layout form one k16 step); V rows are keys, so the B
-        // operand comes from a transposing ldmatrix.
+        // operand comes from a transposing ldmatrix, read once for all the warp's m16 tiles.
 #pragma unroll
         for (int ks = 0; ks < BLOCK_N / 16; ++ks) {
+            uint32 a[Layout::kRowTiles][4];
 #pragma unroll
             for (int mt = 0; mt < Layout::kRowTiles; ++mt) {
                 const int r = 2 * mt, c = 4 * ks;
-                const uint32 a[4] = {Traits::pack(scores[r][c], scores[r][c + 1]),
-                                     Traits::pack(scores[r + 1][c], scores[r + 1][c + 1]),
-                                     Traits::pack(scores[r][c + 2], scores[r][c + 3]),
-                                     Traits::pack(scores[r + 1][c + 2], scores[r + 1][c + 3])};
+                a[mt][0] = Traits::pack(scores[r][c], scores[r][c + 1]);
+                a[mt][1] = Traits::pack(scores[r + 1][c], scores[r + 1][c + 1]);
+                a[mt][2] = Traits::pack(scores[r][c + 2], scores[r][c + 3]);
+                a[mt][3] = Traits::pack(scores[r + 1][c + 2], scores[r + 1][c + 3]);
+            }
 #pragma unroll
-                for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {  // padded V columns are zero
-                    uint32 b[4];
-                    ldmatrix_x4<true>(b, v_tile.row(ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) + dp * 16 +
-                                             (lane / 16) * 8);
-                    mma_into<Element>(out, mt, dp, a, b);
-                }
+            for (int dp = 0; dp < HEAD_DIM / 16; ++dp) {  // padded V columns are zero
+                uint32 b[4];
+                ldmatrix_x4<true>(b, v_tile.row(ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) + dp * 16 +
+                                         (lane / 16) * 8);
+#pragma unroll
+                for (int mt = 0; mt < Layout::kRowTiles; ++mt) mma_into<Element>(out, mt, dp, a[mt], b);
             }
         }
         __syncthreads();  // every warp is done with V[t]

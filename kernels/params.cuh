@@ -31,6 +31,8 @@ struct AttentionParams {
     int64 v_batch_stride, v_row_stride, v_head_stride;
     int64 out_batch_stride, out_row_stride, out_head_stride;
     int64 lse_batch_stride, lse_head_stride;
+    // seqlen_k: the keys of every sequence when no lengths are given (cu_seqlens_k and
+    // cache_seqlens null); for a cache filled to one length, that length, not its capacity.
     int64 batch, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim;
     int64 new_tokens;  // KV cache: keys per sequence = cache_seqlens[b] + new_tokens
     int64 window_left, window_right, sink_tokens;  // -1: unbounded

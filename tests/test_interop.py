@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import warnings
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import cuattn
-from cuattn import backends
+from cuattn import backends, interop
 from cuattn.dlpack import BFLOAT16, DLPackExport, from_numpy, import_array
 
 from .helpers import assert_close, random_array
@@ -146,3 +147,12 @@ def test_export_round_trips_through_torch_without_a_copy(rng, dtype):
     gc.collect()
     # The export holds the memory for the consumer: still readable after the source is gone.
     assert np.isfinite(import_array(tensor).numpy().astype(np.float32)).all()
+
+
+def test_cupy_takes_a_foreign_stream_through_the_stream_protocol():
+    # Needs CuPy, not a GPU: wrapping a handle queries nothing.
+    cupy = pytest.importorskip("cupy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # CuPy 14 deprecates ExternalStream
+        stream = interop.cupy_stream(1234)
+    assert isinstance(stream, cupy.cuda.Stream) and stream.ptr == 1234

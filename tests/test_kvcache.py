@@ -111,3 +111,25 @@ def test_cache_equals_plain_attention_over_the_filled_prefix(rng, backend):
     np.testing.assert_array_equal(from_cache, plain)
     expected, _ = attention_oracle(q, k_cache[:, :length], v_cache[:, :length], causal=True)
     assert_close(from_cache, expected, np.float32)
+
+
+def test_a_cache_filled_to_one_length_needs_no_lengths_on_the_device():
+    """A decoding batch whose caches hold the same number of tokens reaches the kernel as a
+    key count in its parameters: no copy of the lengths to the device on every step."""
+    from cuattn.dlpack import from_numpy
+    from cuattn.kernel_params import attention_params
+    from cuattn.spec import MaskOptions, kvcache_sequences, kvcache_spec
+
+    q = np.ones((3, 1, 4, 32), np.float16)
+    cache = np.ones((3, 64, 2, 32), np.float16)
+    arrays = [from_numpy(a) for a in (q, cache, cache, q.copy())]
+    for lengths, on_device, keys in (([40, 40, 40], False, 42), ([40, 7, 40], True, 64)):
+        lengths = np.array(lengths, np.int32)
+        device_lengths = {"cache_seqlens": from_numpy(lengths)}
+        raw = dict(zip(("q", "k_cache", "v_cache"), arrays, strict=False))
+        spec = kvcache_spec({**raw, **device_lengths}, lengths, MaskOptions(causal=True))
+        sequences = kvcache_sequences(lengths, 1, 2, device_lengths)
+        assert list(sequences.table[:, 4]) == list(lengths + 2)
+        params = attention_params(spec, *arrays, None, None, sequences)[0]
+        assert (params["cache_seqlens"] != 0) == on_device
+        assert params["seqlen_k"] == keys  # the shared count, or the capacity

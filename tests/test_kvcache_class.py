@@ -98,13 +98,39 @@ def test_torch_cache_stays_in_torch(rng):
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5, HEADS_Q, DIM)
 
 
-def test_rolling_cache_refuses_chunks_once_filled(rng):
-    cache = cuattn.KVCache(2, HEADS_KV, DIM, dtype="float32", window=8)
-    cache.attend(*_steps(rng, 3))
-    with pytest.raises(
-        NotImplementedError, match="k_new: a rolling cache takes one token per step"
-    ):
-        cache.attend(*_steps(rng, 2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rolling_cache_takes_chunks_of_any_size_at_any_fill(rng, backend):
+    """Chunked prefill and speculative steps into a rolling cache that already holds tokens,
+    before and after it wraps, with the two sequences at different lengths (one reset)."""
+    window, sinks = 16, 3
+    cache = cuattn.KVCache(
+        2,
+        HEADS_KV,
+        DIM,
+        dtype="float32",
+        window=window,
+        sink_tokens=sinks,
+        like=_like(backend, rng),
+    )
+    mask = dict(causal=True, window=(window - 1, 0), sink_tokens=sinks)
+    history = [[], []]  # per sequence, the (k, v) of every step since its last reset
+    # (new tokens, queries): chunks shorter and longer than the window (one past twice its
+    # size), single tokens, and steps whose queries are only the last of their tokens.
+    steps = [(5, 5), (1, 1), (7, 7), (20, 20), (1, 1), (3, 2), (16, 16), (40, 3), (2, 2), (9, 4)]
+    for i, (new, queries) in enumerate(steps):
+        if i == 4:
+            cache.reset([1])
+            history[1] = []
+        q, k, v = _steps(rng, new)
+        out = _attend(cache, backend, q[:, new - queries :], k, v)
+        for b in range(2):
+            history[b].append((k[b : b + 1], v[b : b + 1]))
+            keys = np.concatenate([step[0] for step in history[b]], axis=1)
+            values = np.concatenate([step[1] for step in history[b]], axis=1)
+            expected, _ = attention_oracle(q[b : b + 1, new - queries :], keys, values, **mask)
+            assert_close(out[b : b + 1], expected, np.float32)
+    assert cache.lengths.tolist() == [sum(n for n, _ in steps), sum(n for n, _ in steps[4:])]
+    assert cache.k.shape == (2, sinks + window, HEADS_KV, DIM)
 
 
 def test_bad_arguments_are_named():
@@ -116,3 +142,20 @@ def test_bad_arguments_are_named():
         cuattn.KVCache(1, 2, 32, capacity=10, window=8, sink_tokens=4)
     with pytest.raises(TypeError, match="dtype: must be float16, bfloat16 or float32, got float64"):
         cuattn.KVCache(1, 2, 32, capacity=8, dtype="float64")
+
+
+def test_a_rolling_step_of_the_wrong_shape_is_refused_before_any_write(rng):
+    cache = cuattn.KVCache(2, HEADS_KV, DIM, dtype="float32", window=8, sink_tokens=2)
+    cache.attend(*_steps(rng, 5))
+    before = cache.k.copy(), cache.v.copy()
+    q, k, v = _steps(rng, 3)
+    for name, args, message in (
+        ("k_new", (q, k[:, :, :1], v), r"k_new: expected shape \(2, seqlen_new, 2, 32\)"),
+        ("v_new", (q, k, v[:, :2]), "v_new: expected 3 tokens like k_new, got 2"),
+        ("q", (q[:1], k, v), r"q: expected shape \(2, seqlen_q, num_heads_q, 32\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            cache.attend(*args)
+        np.testing.assert_array_equal(cache.k, before[0], err_msg=name)
+        np.testing.assert_array_equal(cache.v, before[1], err_msg=name)
+    assert cache.lengths.tolist() == [5, 5]

@@ -12,7 +12,7 @@ import pytest
 import cuattn
 from cuattn.backends import emulate
 from cuattn.dlpack import from_numpy
-from cuattn.kernels import plan_forward
+from cuattn.kernels import MAX_SPLITS, plan_forward
 from cuattn.spec import MaskOptions, batched_sequences, kvcache_sequences, kvcache_spec
 
 from .helpers import DTYPES, assert_close, call, qkv, random_array
@@ -40,6 +40,9 @@ def test_decoding_packs_query_heads_and_splits_the_keys_to_fill_the_gpu():
     assert plan.kernel.pack_gqa and plan.grid[:2] == (1, 8)  # 4 query heads per block
     assert plan.kernel.decode and plan.kernel.block_m == 32
     assert plan.num_splits == 66 and plan.grid[2] == 66  # 8 blocks -> 4 per multiprocessor
+    # One multi-query sequence: one block before splitting, so the cap on splits decides.
+    mqa = _decode_plan(batch=1, heads_q=32, heads_kv=1, cache_len=128 * 1024, multiprocessors=132)
+    assert mqa.grid == (1, 1, MAX_SPLITS)
     # A big batch fills the GPU by itself: no split.
     assert (
         _decode_plan(
@@ -119,6 +122,23 @@ def test_split_and_packed_decoding_matches_the_oracle(rng, emulate_options, plan
 
 
 @pytest.mark.emulate
+@pytest.mark.parametrize("head_dim", [8, 80, 256])
+def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, head_dim):
+    # The combine kernel spreads (split, 4 columns) over its threads: head dims whose column
+    # groups do not divide the block leave some threads idle.
+    emulate_options(multiprocessors=1000)
+    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 2, 2000, 1, 4, 2, head_dim, np.float16)
+    lengths = np.array([1999, 1337], np.int32)
+    expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, causal=True)
+    out, lse = cuattn.attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, lengths, causal=True, return_lse=True, backend="emulate"
+    )
+    assert planned[-1].num_splits >= 16
+    assert_close(out, expected[0], np.float16)
+    assert_close(lse, expected[1], np.float16, what="lse")
+
+
+@pytest.mark.emulate
 def test_split_equals_unsplit(rng, emulate_options, planned):
     q, k, v = qkv(rng, 1, 1, 2000, 4, 4, 64, np.float32)
     emulate_options(multiprocessors=1)
@@ -129,6 +149,21 @@ def test_split_equals_unsplit(rng, emulate_options, planned):
     np.testing.assert_allclose(split, whole, atol=2e-6, rtol=2e-6)
     np.testing.assert_allclose(split_lse, whole_lse, atol=2e-6, rtol=2e-6)
     assert_close(split, attention_oracle(q, k, v, causal=True)[0], np.float32)
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_a_nan_key_gives_nan_rows_however_many_splits(rng, emulate_options, planned, dtype):
+    q, k, v = qkv(rng, 1, 1, 2000, 4, 2, 64, dtype)
+    k[0, 1500, 1, 5] = np.nan  # read by query heads 2 and 3, in one split of many
+    results = []
+    for multiprocessors in (1, 1000):
+        emulate_options(multiprocessors=multiprocessors)
+        results.append(cuattn.attention(q, k, v, return_lse=True, backend="emulate"))
+    assert planned[1].num_splits > max(planned[0].num_splits, 8)
+    for out, lse in results:
+        assert np.isnan(out[:, :, 2:]).all() and np.isnan(lse[:, 2:]).all()
+        assert np.isfinite(out[:, :, :2]).all() and np.isfinite(lse[:, :2]).all()
 
 
 @pytest.mark.gpu

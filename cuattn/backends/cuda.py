@@ -18,7 +18,7 @@ import numpy as np
 from .. import nvrtc
 from ..cache import cached_file, digest
 from ..dlpack import RawArray
-from ..interop import as_cupy
+from ..interop import as_cupy, cupy_stream
 from ..kernel_params import attention_params, merge_params
 from ..kernels import (
     CombineKernel,
@@ -146,7 +146,7 @@ class CudaBackend:
     ) -> None:
         cupy = _cupy()
         device_id = q.device.index
-        with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(stream):
+        with cupy.cuda.Device(device_id), cupy_stream(stream):
             plan = plan_forward(spec, sequences, q.shape, self._multiprocessors(device_id))
             # Device memory allocated here is freed to CuPy's pool when the call returns;
             # the pool hands it out again only in this stream's order, after the kernels.
@@ -187,6 +187,7 @@ class CudaBackend:
                     combine.grid(plan.split_rows, spec.num_heads_q),
                     (combine.threads, 1, 1),
                     (params,),
+                    shared_mem=combine.shared_bytes,
                 )
 
     def _multiprocessors(self, device_id: int) -> int:
@@ -205,7 +206,7 @@ class CudaBackend:
                 kernel.grid(rows),
                 (kernel.threads, 1, 1),
                 (merge_params(out_a, lse_a, out_b, lse_b, out, lse),),
-                stream=cupy.cuda.ExternalStream(stream),
+                stream=cupy_stream(stream),
             )
 
     def append_kv(
@@ -218,7 +219,7 @@ class CudaBackend:
         stream: int | None = None,
     ) -> None:
         cupy = _cupy()
-        with cupy.cuda.Device(k_cache.device.index), cupy.cuda.ExternalStream(stream):
+        with cupy.cuda.Device(k_cache.device.index), cupy_stream(stream):
             new_tokens = k_new.shape[1]
             for cache, new in (
                 (as_cupy(k_cache), as_cupy(k_new)),

@@ -1,0 +1,37 @@
+"""The tile shapes bench/tiles.py times on a GPU compute the right function before anyone
+times them: each candidate runs under emulation against the oracle. Candidates with two m16
+row tiles per warp take code paths the table's 16-row tiles never do."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+import cuattn
+from bench.tiles import PREFILL_TILES
+from cuattn.backends import emulate
+from cuattn.kernels import plan_forward
+
+from .helpers import BFLOAT16, assert_close, qkv
+from .oracle import attention_oracle
+
+CANDIDATES = [
+    (head_dim, tile) for head_dim, tiles in PREFILL_TILES.items() for tile in tiles if tile
+]
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize(
+    "head_dim, tile", CANDIDATES, ids=[f"d{d}-{'x'.join(map(str, t))}" for d, t in CANDIDATES]
+)
+def test_every_candidate_tile_matches_the_oracle(rng, monkeypatch, head_dim, tile):
+    monkeypatch.setattr(emulate, "plan_forward", functools.partial(plan_forward, tile=tile))
+    # Lengths that divide no tile, GQA, and a causal window with sink tokens that hides whole
+    # tiles; then the same shapes unmasked.
+    q, k, v = qkv(rng, 2, 150, 333, 4, 2, head_dim, BFLOAT16)
+    for options in (dict(causal=True, window=(70, 0), sink_tokens=3), {}):
+        out, lse = cuattn.attention(q, k, v, return_lse=True, backend="emulate", **options)
+        expected_out, expected_lse = attention_oracle(q, k, v, **options)
+        assert_close(out, expected_out, BFLOAT16)
+        assert_close(lse, expected_lse, BFLOAT16, what="lse")

@@ -213,11 +213,11 @@ class CombineKernel:
 
 # Grid dimensions y and z may not exceed this on any CUDA device.
 MAX_GRID_YZ = 65535
-# The split count is set by the blocks target (a few blocks per multiprocessor); this cap
-# only binds when a launch has fewer than about 4 blocks before splitting (multi-query
-# decoding of one to four sequences), where 128, the cap before, left a 132-multiprocessor
-# GPU one small block on each. More splits timed slower while combine_splits issued its
-# loads one after another (bench/NOTES.md); whether 512 pays now is for the next sweep.
+# The split count is set by the blocks target (a few blocks per multiprocessor); at the
+# default target this cap binds only for a launch of one block before splitting (multi-query
+# decoding of one sequence), where 128, the cap before, left a 132-multiprocessor GPU one
+# small block on each. More splits timed slower while combine_splits issued its loads one
+# after another (bench/NOTES.md); whether 512 pays now is for the next sweep.
 MAX_SPLITS = 512
 
 

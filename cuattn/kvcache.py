@@ -6,9 +6,11 @@ step's keys and values in place and attends over everything cached so far. Rolli
 ``sink_tokens`` positions stay, position p >= sink_tokens lives in slot
 ``sink_tokens + (p - sink_tokens) % window``, so memory does not grow with the sequence while
 masks keep using true positions. Steps of one token and prompts into an empty cache attend
-in place; a chunk of several tokens into a cache that holds some (chunked prefill,
-speculative decoding) attends over a copy of the window per sequence, since the chunk's own
-tokens would otherwise overwrite keys its earlier queries still see.
+in place; a chunk of several tokens into a cache that holds some (chunked prefill, several
+accepted tokens at once) attends over a copy of the window per sequence, since the chunk's
+own tokens would otherwise overwrite keys its earlier queries still see. Stored tokens
+overwrite evicted ones, so a rolling cache cannot take back rejected draft tokens; the
+queries of a rolling step are its new tokens (or the last of them).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from . import backends, interop
 from .api import attention, attention_with_kvcache
 from .dlpack import BFLOAT16
-from .spec import FLOAT_DTYPES, _check_int
+from .spec import FLOAT_DTYPES, MaskOptions, _check_int, check_cache_step
 
 
 class KVCache:
@@ -121,7 +123,8 @@ class KVCache:
         sequence's tokens (within the window in rolling mode, sink tokens included).
 
         q: (batch, seqlen_q, num_heads_q, head_dim); k_new, v_new: (batch, seqlen_new,
-        num_heads_kv, head_dim), with seqlen_q <= seqlen_new + tokens already cached.
+        num_heads_kv, head_dim), with seqlen_q <= seqlen_new + tokens already cached, and in
+        rolling mode seqlen_q <= seqlen_new (the queries are the last new tokens).
         """
         options = dict(
             scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse, backend=backend
@@ -130,7 +133,7 @@ class KVCache:
         if self.rolling:
             # The plain path's checks live in attention_with_kvcache; these paths write to
             # the cache before or without it.
-            self._check_step(q, k_new, v_new)
+            self._check_step(q, k_new, v_new, options)
         if not self.rolling:
             result = attention_with_kvcache(
                 q,
@@ -151,22 +154,34 @@ class KVCache:
         self.lengths += new_tokens
         return result
 
-    def _check_step(self, q, k_new, v_new) -> None:
-        """The shapes a rolling step writes with, checked before anything is written."""
-        batch, _, heads, dim = self.k.shape
-        for name, array in (("k_new", k_new), ("v_new", v_new)):
-            shape = tuple(array.shape)
-            if len(shape) != 4 or (shape[0], *shape[2:]) != (batch, heads, dim):
-                raise ValueError(
-                    f"{name}: expected shape ({batch}, seqlen_new, {heads}, {dim}), got {shape}"
-                )
-        if v_new.shape[1] != k_new.shape[1]:
+    def _check_step(self, q, k_new, v_new, options: dict) -> None:
+        """A rolling step checked in full before anything is written: what
+        attention_with_kvcache checks of q, the caches, the new tokens and the options, and
+        that the queries are new tokens (the window of an older position may be gone)."""
+        call = interop.import_arrays(
+            {
+                "q": q,
+                "k_cache": self.k,
+                "v_cache": self.v,
+                "k_new": k_new,
+                "v_new": v_new,
+                "sinks": options["sinks"],
+            }
+        )
+        mask = MaskOptions(
+            True,
+            (self.window - 1, 0),
+            options["scale"],
+            options["softcap"],
+            self.sink_tokens,
+            options["return_lse"],
+        )
+        check_cache_step(call.raw, mask)
+        queries, new_tokens = call.raw["q"].shape[1], call.raw["k_new"].shape[1]
+        if queries > new_tokens:
             raise ValueError(
-                f"v_new: expected {k_new.shape[1]} tokens like k_new, got {v_new.shape[1]}"
-            )
-        if len(q.shape) != 4 or q.shape[0] != batch:
-            raise ValueError(
-                f"q: expected shape ({batch}, seqlen_q, num_heads_q, {dim}), got {tuple(q.shape)}"
+                f"q: a rolling cache attends for its new tokens only: at most {new_tokens} "
+                f"queries (seqlen_new), got {queries}"
             )
 
     def _rolling_step(self, q, k_new, v_new, options):
@@ -189,11 +204,12 @@ class KVCache:
 
     def _rolling_chunk(self, q, k_new, v_new, options):
         """Several tokens into a rolling cache that already holds some (chunked prefill,
-        speculative decoding). Stored first, the chunk would overwrite window tokens its own
-        earlier queries still see; so each sequence attends over a copy of what it keeps, in
-        position order, followed by the chunk, and the chunk is stored afterwards. With the
-        sinks in front, a gap in positions between them and the window changes nothing: sinks
-        are always visible, and within the window the mask only looks at distances."""
+        several accepted tokens at once). Stored first, the chunk would overwrite window
+        tokens its own earlier queries still see; so each sequence attends over a copy of what
+        it keeps, in position order, followed by the chunk, and the chunk is stored
+        afterwards. With the sinks in front, a gap in positions between them and the window
+        changes nothing: sinks are always visible, and within the window the mask only looks
+        at distances."""
         n, window = self.sink_tokens, self.window
         backend = options["backend"]
         new_tokens = k_new.shape[1]

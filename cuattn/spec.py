@@ -306,23 +306,17 @@ def varlen_spec(
     )
 
 
-def kvcache_spec(
-    raw: dict[str, RawArray], cache_seqlens: np.ndarray, options: MaskOptions
-) -> AttentionSpec:
-    """Validate a KV-cache call: q (B, Sq, Hq, D); caches (B, S_cache, Hkv, D);
-    optional k_new / v_new (B, S_new, Hkv, D); ``cache_seqlens`` the host copy (B,).
-
-    Overflow (a sequence whose new tokens would pass the cache's end) is caught here,
-    before anything is written.
-    """
+def check_cache_step(raw: dict[str, RawArray], options: MaskOptions) -> dict:
+    """The checks of a KV-cache call that do not depend on the lengths: q (B, Sq, Hq, D)
+    against the caches (B, S_cache, Hkv, D), the optional k_new / v_new (B, S_new, Hkv, D),
+    and the options, resolved. A rolling KVCache, whose writes wrap around, runs them
+    before it writes anything."""
     q, k_cache, v_cache = raw["q"], raw["k_cache"], raw["v_cache"]
     layout = "(batch, seqlen, num_heads, head_dim)"
     for name, array in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_ndim(name, array, 4, layout)
     _check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"))
-    batch, _, _, head_dim = q.shape
-    capacity = k_cache.shape[1]
-    new_len = 0
+    batch, _, num_heads_q, head_dim = q.shape
     k_new, v_new = raw.get("k_new"), raw.get("v_new")
     if (k_new is None) != (v_new is None):
         missing = "v_new" if v_new is None else "k_new"
@@ -348,7 +342,24 @@ def kvcache_spec(
                 f"v_new: shape must equal k_new's {_shape_text(k_new.shape)}, "
                 f"got {_shape_text(v_new.shape)}"
             )
-        new_len = k_new.shape[1]
+    _check_grid(batch, num_heads_q)
+    return _resolve_options(options, head_dim, num_heads_q, raw.get("sinks"))
+
+
+def kvcache_spec(
+    raw: dict[str, RawArray], cache_seqlens: np.ndarray, options: MaskOptions
+) -> AttentionSpec:
+    """Validate a KV-cache call: check_cache_step's checks, then ``cache_seqlens`` (the
+    host copy, (B,)).
+
+    Overflow (a sequence whose new tokens would pass the cache's end) is caught here,
+    before anything is written.
+    """
+    resolved = check_cache_step(raw, options)
+    q, k_cache = raw["q"], raw["k_cache"]
+    batch, _, num_heads_q, head_dim = q.shape
+    capacity = k_cache.shape[1]
+    new_len = raw["k_new"].shape[1] if raw.get("k_new") is not None else 0
     seqlens_raw = raw["cache_seqlens"]
     if seqlens_raw.shape != (batch,):
         raise ValueError(
@@ -366,8 +377,6 @@ def kvcache_spec(
             f"{new_len} new ones would pass the cache's capacity of {capacity} (k_cache.shape[1]); "
             "nothing was written"
         )
-    num_heads_q = q.shape[2]
-    _check_grid(batch, num_heads_q)
     return AttentionSpec(
         batch=batch,
         seqlen_q=q.shape[1],
@@ -376,7 +385,7 @@ def kvcache_spec(
         num_heads_kv=k_cache.shape[2],
         head_dim=head_dim,
         dtype=q.dtype,
-        **_resolve_options(options, head_dim, num_heads_q, raw.get("sinks")),
+        **resolved,
     )
 
 

@@ -100,8 +100,9 @@ def test_torch_cache_stays_in_torch(rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rolling_cache_takes_chunks_of_any_size_at_any_fill(rng, backend):
-    """Chunked prefill and speculative steps into a rolling cache that already holds tokens,
-    before and after it wraps, with the two sequences at different lengths (one reset)."""
+    """Chunks (chunked prefill, several accepted tokens at once) into a rolling cache that
+    already holds tokens, before and after it wraps, with the two sequences at different
+    lengths (one reset)."""
     window, sinks = 16, 3
     cache = cuattn.KVCache(
         2,
@@ -122,13 +123,17 @@ def test_rolling_cache_takes_chunks_of_any_size_at_any_fill(rng, backend):
             cache.reset([1])
             history[1] = []
         q, k, v = _steps(rng, new)
-        out = _attend(cache, backend, q[:, new - queries :], k, v)
+        moved = [
+            to_backend(np.ascontiguousarray(a), backend) for a in (q[:, new - queries :], k, v)
+        ]
+        out, lse = (to_host(a) for a in cache.attend(*moved, return_lse=True, backend=backend))
         for b in range(2):
             history[b].append((k[b : b + 1], v[b : b + 1]))
             keys = np.concatenate([step[0] for step in history[b]], axis=1)
             values = np.concatenate([step[1] for step in history[b]], axis=1)
-            expected, _ = attention_oracle(q[b : b + 1, new - queries :], keys, values, **mask)
-            assert_close(out[b : b + 1], expected, np.float32)
+            expected = attention_oracle(q[b : b + 1, new - queries :], keys, values, **mask)
+            assert_close(out[b : b + 1], expected[0], np.float32)
+            assert_close(lse[b : b + 1], expected[1], np.float32, what="lse")
     assert cache.lengths.tolist() == [sum(n for n, _ in steps), sum(n for n, _ in steps[4:])]
     assert cache.k.shape == (2, sinks + window, HEADS_KV, DIM)
 
@@ -144,18 +149,21 @@ def test_bad_arguments_are_named():
         cuattn.KVCache(1, 2, 32, capacity=8, dtype="float64")
 
 
-def test_a_rolling_step_of_the_wrong_shape_is_refused_before_any_write(rng):
+def test_a_bad_rolling_step_is_refused_before_any_write(rng):
     cache = cuattn.KVCache(2, HEADS_KV, DIM, dtype="float32", window=8, sink_tokens=2)
     cache.attend(*_steps(rng, 5))
     before = cache.k.copy(), cache.v.copy()
     q, k, v = _steps(rng, 3)
-    for name, args, message in (
-        ("k_new", (q, k[:, :, :1], v), r"k_new: expected shape \(2, seqlen_new, 2, 32\)"),
-        ("v_new", (q, k, v[:, :2]), "v_new: expected 3 tokens like k_new, got 2"),
-        ("q", (q[:1], k, v), r"q: expected shape \(2, seqlen_q, num_heads_q, 32\)"),
+    for error, args, message in (
+        (ValueError, (q, k[:, :, :1], v), r"k_new: expected shape \(2, seqlen_new, 2, 32\)"),
+        (ValueError, (q, k, v[:, :2]), r"v_new: shape must equal k_new's \(2, 3, 2, 32\)"),
+        (ValueError, (q[:1], k, v), "k_cache: batch must equal q's 1, got 2"),
+        (ValueError, (q[..., :16], k, v), "k_cache: head_dim must equal q's 16, got 32"),
+        (TypeError, (q, k.astype(np.float16), v), "k_new: dtype must match q's float32"),
+        (ValueError, (q, k[:, :1], v[:, :1]), "q: a rolling cache attends for its new tokens"),
     ):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(error, match=message):
             cache.attend(*args)
-        np.testing.assert_array_equal(cache.k, before[0], err_msg=name)
-        np.testing.assert_array_equal(cache.v, before[1], err_msg=name)
+        np.testing.assert_array_equal(cache.k, before[0], err_msg=message)
+        np.testing.assert_array_equal(cache.v, before[1], err_msg=message)
     assert cache.lengths.tolist() == [5, 5]

@@ -139,6 +139,22 @@ def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, 
 
 
 @pytest.mark.emulate
+def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned):
+    # One block before splitting (a single KV head) over a long cache: more splits than the
+    # combine kernel has threads, so its threads take several splits each in every phase.
+    emulate_options(multiprocessors=1000)
+    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 1, 8400, 1, 2, 1, 256, np.float16)
+    lengths = np.array([8300], np.int32)
+    expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths)
+    out, lse = cuattn.attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, lengths, return_lse=True, backend="emulate"
+    )
+    assert 256 < planned[-1].num_splits <= MAX_SPLITS
+    assert_close(out, expected[0], np.float16)
+    assert_close(lse, expected[1], np.float16, what="lse")
+
+
+@pytest.mark.emulate
 def test_split_equals_unsplit(rng, emulate_options, planned):
     q, k, v = qkv(rng, 1, 1, 2000, 4, 4, 64, np.float32)
     emulate_options(multiprocessors=1)

@@ -130,10 +130,6 @@ class KVCache:
             scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse, backend=backend
         )
         new_tokens = k_new.shape[1]
-        if self.rolling:
-            # The plain path's checks live in attention_with_kvcache; these paths write to
-            # the cache before or without it.
-            self._check_step(q, k_new, v_new, options)
         if not self.rolling:
             result = attention_with_kvcache(
                 q,
@@ -145,12 +141,16 @@ class KVCache:
                 causal=True,
                 **options,
             )
-        elif new_tokens == 1:
-            result = self._rolling_step(q, k_new, v_new, options)
-        elif not self.lengths.any():
-            result = self._rolling_prefill(q, k_new, v_new, options)
         else:
-            result = self._rolling_chunk(q, k_new, v_new, options)
+            # attention_with_kvcache checks a plain step before it writes; the rolling paths
+            # write by themselves, so they check first.
+            self._check_step(q, k_new, v_new, options)
+            if new_tokens == 1:
+                result = self._rolling_step(q, k_new, v_new, options)
+            elif not self.lengths.any():
+                result = self._rolling_prefill(q, k_new, v_new, options)
+            else:
+                result = self._rolling_chunk(q, k_new, v_new, options)
         self.lengths += new_tokens
         return result
 

@@ -138,16 +138,33 @@ def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, 
     assert_close(lse, expected[1], np.float16, what="lse")
 
 
-@pytest.mark.emulate
-def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned):
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("emulate", marks=pytest.mark.emulate),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned, backend):
     # One block before splitting (a single KV head) over a long cache: more splits than the
     # combine kernel has threads, so its threads take several splits each in every phase.
+    # The emulated GPU is given 1000 multiprocessors; a real one with 65 or more splits the
+    # keys the same 259 ways (two key tiles a split is the bound, not the 4 blocks per
+    # multiprocessor).
     emulate_options(multiprocessors=1000)
     q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 1, 8400, 1, 2, 1, 256, np.float16)
     lengths = np.array([8300], np.int32)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths)
-    out, lse = cuattn.attention_with_kvcache(
-        q, k_cache, v_cache, k_new, v_new, lengths, return_lse=True, backend="emulate"
+    out, lse = call(
+        cuattn.attention_with_kvcache,
+        backend,
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        lengths,
+        return_lse=True,
     )
     assert 256 < planned[-1].num_splits <= MAX_SPLITS
     assert_close(out, expected[0], np.float16)

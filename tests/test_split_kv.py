@@ -171,6 +171,17 @@ def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned, backend
     assert_close(lse, expected[1], np.float16, what="lse")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=lambda d: np.dtype(d).name)
+def test_a_nan_key_gives_nan_rows_in_a_split_launch_on_the_gpu(rng, planned, dtype):
+    q, k, v = qkv(rng, 1, 1, 2000, 4, 2, 64, dtype)
+    k[0, 1500, 1, 5] = np.nan  # read by query heads 2 and 3
+    out, lse = call(cuattn.attention, "cuda", q, k, v, return_lse=True)
+    assert planned[-1].num_splits > 1
+    assert np.isnan(out[:, :, 2:]).all() and np.isnan(lse[:, 2:]).all()
+    assert np.isfinite(out[:, :, :2]).all() and np.isfinite(lse[:, :2]).all()
+
+
 @pytest.mark.emulate
 def test_split_equals_unsplit(rng, emulate_options, planned):
     q, k, v = qkv(rng, 1, 1, 2000, 4, 4, 64, np.float32)

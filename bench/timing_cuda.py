@@ -5,10 +5,9 @@ current stream, which CuPy is pointed at too), so the events time exactly its wo
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 
-from .timing import Timing
+from .timing import Timing, time_host
 
 # Larger than the L2 of any current GPU (50 MiB on H100): writing it evicts the inputs.
 _FLUSH_BYTES = 256 * 2**20
@@ -53,15 +52,9 @@ def host_time(function: Callable[[int], object], *, warmup: int = 3, runs: int =
     import cupy
 
     with one_stream():
-        for i in range(warmup):
-            function(i)
-        samples = []
-        for i in range(runs):
-            start = time.perf_counter()
-            function(warmup + i)
-            samples.append(time.perf_counter() - start)
+        timing = time_host(function, warmup=warmup, runs=runs)
         cupy.cuda.get_current_stream().synchronize()
-    return Timing.of(samples)
+    return timing
 
 
 def device_description() -> tuple[str, str]:

@@ -188,10 +188,8 @@ class KVCache:
         # The new token overwrites the oldest window token, which it no longer sees; every
         # slot then holds a visible token, so attention needs no mask at all (the softmax
         # does not care in which order keys are stored).
-        n, window = self.sink_tokens, self.window
-        slots = np.where(self.lengths < n + window, self.lengths, n + (self.lengths - n) % window)
-        self._copy(self.k, self.v, k_new, v_new, slots, options["backend"])
-        filled = np.minimum(self.lengths + 1, n + window).astype(np.int32)
+        self._copy(self.k, self.v, k_new, v_new, self._slot(self.lengths), options["backend"])
+        filled = np.minimum(self.lengths + 1, self.capacity).astype(np.int32)
         return attention_with_kvcache(q, self.k, self.v, cache_seqlens=filled, **options)
 
     def _rolling_prefill(self, q, k_new, v_new, options):
@@ -205,19 +203,21 @@ class KVCache:
     def _rolling_chunk(self, q, k_new, v_new, options):
         """Several tokens into a rolling cache that already holds some (chunked prefill,
         several accepted tokens at once). Stored first, the chunk would overwrite window
-        tokens its own earlier queries still see; so each sequence attends over a copy of what
-        it keeps, in position order, followed by the chunk, and the chunk is stored
+        tokens its own earlier queries still see; so the sequences attend over a copy of what
+        they keep, in position order, followed by the chunk, and the chunk is stored
         afterwards. With the sinks in front, a gap in positions between them and the window
         changes nothing: sinks are always visible, and within the window the mask only looks
-        at distances."""
+        at distances. Consecutive sequences of one length (all of them, unless some were
+        reset) share one copy and one attention call."""
         n, window = self.sink_tokens, self.window
         backend = options["backend"]
         new_tokens = k_new.shape[1]
         results = []
-        for b, length in enumerate(self.lengths.tolist()):
+        for first, last, length in _runs_of_equal(self.lengths.tolist()):
+            group = slice(first, last)
             runs = self._slots_in_position_order(length)
             kept = sum(end - begin for begin, end in runs)
-            shape = (1, kept + new_tokens, *self.k.shape[2:])
+            shape = (last - first, kept + new_tokens, *self.k.shape[2:])
             keys = interop.empty(self._template, shape, self._dtype).array()
             values = interop.empty(self._template, shape, self._dtype).array()
             offset = 0
@@ -225,16 +225,16 @@ class KVCache:
                 self._copy(
                     keys,
                     values,
-                    self.k[b : b + 1, begin:end],
-                    self.v[b : b + 1, begin:end],
+                    self.k[group, begin:end],
+                    self.v[group, begin:end],
                     offset,
                     backend,
                 )
                 offset += end - begin
-            self._copy(keys, values, k_new[b : b + 1], v_new[b : b + 1], offset, backend)
+            self._copy(keys, values, k_new[group], v_new[group], offset, backend)
             results.append(
                 attention(
-                    q[b : b + 1],
+                    q[group],
                     keys,
                     values,
                     causal=True,
@@ -243,15 +243,14 @@ class KVCache:
                     **options,
                 )
             )
-            self._store(
-                self.k[b : b + 1],
-                self.v[b : b + 1],
-                k_new[b : b + 1],
-                v_new[b : b + 1],
-                length,
-                backend,
-            )
-        return _stack(results, q, options["return_lse"])
+            self._store(self.k[group], self.v[group], k_new[group], v_new[group], length, backend)
+        return _concatenate(results, q, options["return_lse"])
+
+    def _slot(self, position):
+        """Where a position lives (an int or an array of them): a sink token in its own slot,
+        any later one at sink_tokens + (position - sink_tokens) % window."""
+        n = self.sink_tokens
+        return np.where(position < n, position, n + (position - n) % self.window)
 
     def _slots_in_position_order(self, length: int) -> list[tuple[int, int]]:
         """Slot runs [begin, end) holding a sequence's kept tokens, oldest first: the sinks,
@@ -259,14 +258,13 @@ class KVCache:
         n, window = self.sink_tokens, self.window
         if length <= n + window:
             return [(0, length)] if length else []  # nothing overwritten yet: slot = position
-        oldest = n + (length - window - n) % window
+        oldest = int(self._slot(length - window))
         runs = [(0, n), (oldest, n + window), (n, oldest)]
         return [(begin, end) for begin, end in runs if end > begin]
 
     def _store(self, k, v, k_new, v_new, first: int, backend: str) -> None:
         """Store tokens at positions [first, first + seqlen_new) of every sequence of (k, v)
-        in their slots: positions below sink_tokens in their own slot, the others at
-        sink_tokens + (p - sink_tokens) % window, of which only the last `window` survive."""
+        in their slots (_slot): of those past the sinks only the last `window` survive."""
         n, window = self.sink_tokens, self.window
         total = k_new.shape[1]
         sinks_end = min(max(n - first, 0), total)  # chunk indices [0, sinks_end) are sinks
@@ -275,7 +273,7 @@ class KVCache:
         start = max(sinks_end, total - window)  # the older ones would be overwritten anyway
         if start >= total:
             return
-        slot = n + (first + start - n) % window
+        slot = int(self._slot(first + start))
         head = min(total - start, n + window - slot)  # up to the buffer's end, then wrap
         self._copy(
             k, v, k_new[:, start : start + head], v_new[:, start : start + head], slot, backend
@@ -299,20 +297,30 @@ class KVCache:
         )
 
 
-def _stack(results, q, return_lse: bool):
-    """Per-sequence results of attention() as one batch, in q's framework."""
+def _runs_of_equal(values: list[int]):
+    """(first, end, value) for each run of consecutive equal values."""
+    first = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[first]:
+            yield first, i, values[first]
+            first = i
+
+
+def _concatenate(results, q, return_lse: bool):
+    """attention()'s results for consecutive groups of sequences as one batch, in q's
+    framework: (out, lse) pairs with return_lse, else outputs."""
     call = interop.import_arrays({"q": q})
-    outs = [r[0] if return_lse else r for r in results]
-    out = interop.empty(call, tuple(call.raw["q"].shape), call.raw["q"].dtype).array()
-    for b, part in enumerate(outs):
-        out[b : b + 1] = part
-    if not return_lse:
-        return out
-    lses = [r[1] for r in results]
-    lse = interop.empty(call, (len(results), *lses[0].shape[1:]), np.float32).array()
-    for b, part in enumerate(lses):
-        lse[b : b + 1] = part
-    return out, lse
+    parts = [r if return_lse else (r,) for r in results]
+    joined = []
+    for j, dtype in enumerate((call.raw["q"].dtype, np.float32)[: len(parts[0])]):
+        shape = (call.raw["q"].shape[0], *parts[0][j].shape[1:])
+        whole = interop.empty(call, shape, dtype).array()
+        first = 0
+        for part in parts:
+            whole[first : first + part[j].shape[0]] = part[j]
+            first += part[j].shape[0]
+        joined.append(whole)
+    return tuple(joined) if return_lse else joined[0]
 
 
 def _zeros(template: interop.CallArrays, shape, dtype):

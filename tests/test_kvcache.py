@@ -126,7 +126,7 @@ def test_a_cache_filled_to_one_length_needs_no_lengths_on_the_device():
     for lengths, on_device, keys in (([40, 40, 40], False, 42), ([40, 7, 40], True, 64)):
         lengths = np.array(lengths, np.int32)
         device_lengths = {"cache_seqlens": from_numpy(lengths)}
-        raw = dict(zip(("q", "k_cache", "v_cache"), arrays, strict=False))
+        raw = {"q": arrays[0], "k_cache": arrays[1], "v_cache": arrays[2]}
         spec = kvcache_spec({**raw, **device_lengths}, lengths, MaskOptions(causal=True))
         sequences = kvcache_sequences(lengths, 1, 2, device_lengths)
         assert list(sequences.table[:, 4]) == list(lengths + 2)

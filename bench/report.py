@@ -102,7 +102,9 @@ def publish(
         from .plot import plot
 
         plot(path)
-    machine = f"{device}, driver {driver}" if device else f"{env['cpu']} ({env['cpu_count']} cores)"
+    machine = f"{env['cpu']} ({env['cpu_count']} cores)"
+    if device:
+        machine = f"{device}, driver {driver}" if driver else device
     heading = f"# {title}, {machine}, {date}, commit {env['git_commit']}"
     path.with_suffix(".md").write_text(f"{heading}\n\n{body}\n")
     print(f"{body}\n\nwrote {path} and {path.with_suffix('.md').name}")

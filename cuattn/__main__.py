@@ -171,7 +171,9 @@ def main(argv=None) -> int:
     compile_parser.add_argument("--arch", default="sm_90", help="e.g. sm_80, sm_90 (default)")
     compile_parser.add_argument("--jobs", type=int, default=None, help="processes (default: CPUs)")
     bench_parser = commands.add_parser("bench", help="run a benchmark (see bench/)")
-    bench_parser.add_argument("name", choices=["cpu", "prefill", "decode", "memory", "tiles"])
+    bench_parser.add_argument(
+        "name", choices=["cpu", "prefill", "decode", "memory", "tiles", "key_loop"]
+    )
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     args = parser.parse_args(argv)
     handlers = {"info": info, "demo": demo, "compile": compile_all, "bench": bench}

@@ -181,7 +181,7 @@ struct KeyValueTiles {
     template <class Tile>
     __device__ __forceinline__ void load(Tile tile, const Element* base, int64 stride, int64 t) const {
         const int64 first = tiles.begin(t);
-        load_tile<THREADS>(tile, base + first * stride, RowStride{stride}, int(tiles.end(t) - first), head_dim,
+        load_tile<THREADS>(tile, base, StridedRows{first, stride}, int(tiles.end(t) - first), head_dim,
                            vector_loads);
     }
 };
@@ -274,21 +274,22 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
         if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);
         cp_async_commit();
 
-        const bool cut =
-            keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys));
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-            // The token this row stands for (packed rows share tokens), found again in each
-            // cut tile rather than held in registers across the loop.
-            const int64 token = cut ? work.token(lane_row(warp_row, r)) : 0;
+        for (int r = 0; r < kRows; ++r)
 #pragma unroll
-            for (int c = 0; c < Layout::kKeyColumns; ++c) {
-                scores[r][c] = base2_score<SOFTCAP>(scores[r][c], params);
-                if (cut) {
+            for (int c = 0; c < Layout::kKeyColumns; ++c) scores[r][c] = base2_score<SOFTCAP>(scores[r][c], params);
+        // One branch for the tile, taken by the whole block: tested per score, it split the
+        // softmax into a basic block per score, which ptxas cannot schedule across.
+        if (keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys))) {
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                // The token this row stands for (packed rows share tokens), found again in
+                // each cut tile rather than held in registers across the loop.
+                const int64 token = work.token(lane_row(warp_row, r));
+#pragma unroll
+                for (int c = 0; c < Layout::kKeyColumns; ++c) {
                     const int column = lane_column(c);
-                    if (column >= keys || !mask.visible(token, key_begin + column)) {
-                        scores[r][c] = negative_infinity();
-                    }
+                    if (column >= keys || !mask.visible(token, key_begin + column)) scores[r][c] = negative_infinity();
                 }
             }
         }
@@ -413,13 +414,14 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
         if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);
         cp_async_commit();
 
-        const bool cut =
-            keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys));
 #pragma unroll
-        for (int j = 0; j < kKeysPerLane; ++j) {
-            scores[0][j] = base2_score<SOFTCAP>(scores[0][j], params);
-            const int key = quad + 4 * j;
-            if (cut && (key >= keys || !mask.visible(token, key_begin + key))) scores[0][j] = negative_infinity();
+        for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] = base2_score<SOFTCAP>(scores[0][j], params);
+        if (keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys))) {
+#pragma unroll
+            for (int j = 0; j < kKeysPerLane; ++j) {
+                const int key = quad + 4 * j;
+                if (key >= keys || !mask.visible(token, key_begin + key)) scores[0][j] = negative_infinity();
+            }
         }
         float rescale[1];
         softmax.update(scores, rescale);

@@ -24,10 +24,11 @@
 namespace cuattn {
 
 #if !CUATTN_EMULATED
+// The intrinsic, not inline PTX: the compiler then knows the pointer is in shared memory and
+// does the tile arithmetic on 32-bit shared addresses (through inline cvta it added 64-bit
+// generic addresses, about 3 instructions an ldmatrix).
 __device__ __forceinline__ uint32 shared_address(const void* pointer) {
-    uint32 address;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(pointer));
-    return address;
+    return uint32(__cvta_generic_to_shared(pointer));
 }
 #endif
 

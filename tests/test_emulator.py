@@ -257,8 +257,8 @@ PLANTED = {
     # One row past the end of every tile: the last tile of K and V reads past the array.
     "tile-bound-off-by-one": (
         "tile.cuh",
-        "const bool valid = r < valid_rows && c < head_dim;",
-        "const bool valid = r <= valid_rows && c < head_dim;",
+        "const bool valid = column_valid && r < valid_rows;",
+        "const bool valid = column_valid && r <= valid_rows;",
     ),
     # The ragged last key tile forgotten: keys at the end of a sequence never seen.
     "tile-count-off-by-one": (

@@ -1,0 +1,204 @@
+"""The forward kernel's key loop as the GPU would run it, read from the compiled code: no
+GPU needed. Each instantiation is compiled with NVRTC and disassembled with nvdisasm (the
+``nvidia-cuda-nvdisasm`` wheel); the key loop is the longest backward branch of the SASS,
+and its instructions are counted by opcode.
+
+The loop counted is the one a full, unmasked tile of 16-byte aligned operands runs, the
+tile nearly every prefill and decode step runs: the sources are compiled with those two
+run-time conditions fixed (``vector_loads`` and the mask's cut-tile test), so that the
+branches not taken drop out and the body is straight code. Registers and spills are those
+of the real kernel. Instructions per mma is a count, not a time: it says how much the
+kernel asks of the issue slots besides its tensor-core work.
+
+    python -m cuattn bench key_loop [--arch sm_90] [--kernels DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .report import publish, table
+
+# (head dim, tile); None is the table's tile (cuattn/kernels.py), "decode" its decoding tile.
+CASES = (
+    (64, None),
+    (64, (128, 32, 4)),
+    (64, (128, 64, 4)),
+    (128, None),
+    (128, (128, 32, 4)),
+    (128, (128, 64, 4)),
+    (128, "decode"),
+)
+
+# The two run-time conditions fixed for the count: operands on 16-byte boundaries (cp.async
+# copies), and no tile cut by the mask or the sequence's end. Each pattern must be found.
+_FULL_TILE_EDITS = (
+    ("p.vector_loads != 0", "true"),
+    ("params.vector_loads != 0", "true"),
+    ("keys < BLOCK_N ||", "false ||"),
+)
+
+
+def nvdisasm() -> str:
+    """The nvdisasm executable: on PATH, or from the nvidia-cuda-nvdisasm wheel."""
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        nvidia = None
+    for root in getattr(nvidia, "__path__", []):
+        for candidate in sorted(Path(root).glob("cu*/bin/nvdisasm")):
+            return str(candidate)
+    raise FileNotFoundError(
+        "nvdisasm: neither on PATH nor installed (pip install nvidia-cuda-nvdisasm)"
+    )
+
+
+def full_tile_sources(kernels: Path, into: Path) -> Path:
+    """A copy of ``kernels`` in which every key tile is full and aligned (see above)."""
+    copy = into / "kernels"
+    shutil.copytree(kernels, copy)
+    source = (copy / "fwd.cu").read_text()
+    for pattern, replacement in _FULL_TILE_EDITS:
+        if pattern not in source:
+            raise ValueError(f"fwd.cu no longer contains {pattern!r}: update bench/key_loop.py")
+        source = source.replace(pattern, replacement)
+    (copy / "fwd.cu").write_text(source)
+    return copy
+
+
+def loop_opcodes(sass: str) -> tuple[collections.Counter, int]:
+    """Opcodes (without modifiers or predicates) of the longest loop of one kernel's SASS,
+    and how many loops it holds: with none, the count is what one pass runs; an inner loop
+    is counted once, however often it runs."""
+    labels, instructions = {}, []
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[label.group(1)] = len(instructions)
+        elif instruction := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+            instructions.append(instruction.group(1).strip())
+    loops = [
+        (labels[target.group(1)], end)
+        for end, text in enumerate(instructions)
+        if (target := re.search(r"BRA `\((\.L_x_\d+)\)", text))
+        and labels.get(target.group(1), end) < end
+    ]
+    if not loops:
+        raise ValueError("no loop in this kernel's SASS")
+    begin, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    inner = sum(1 for b, e in loops if begin <= b and e < end)
+    opcodes = collections.Counter(
+        re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+        for text in instructions[begin : end + 1]
+    )
+    return opcodes, inner
+
+
+def functions(sass: str) -> dict[str, str]:
+    """nvdisasm's listing split by function: {mangled name: its SASS}."""
+    parts = re.split(r"^\s*\.section\s+\.text\.([^,\s]+).*$", sass, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def measure(kernels: list, arch: str, sources: Path, full_tiles: Path) -> list[dict]:
+    """Per kernel: registers and spills as compiled from ``sources``, and the opcodes of its
+    key loop as compiled from ``full_tiles``. One NVRTC program each."""
+    from cuattn import nvrtc
+
+    expressions = [k.expression for k in kernels]
+    resources = nvrtc.compile_program("fwd.cu", expressions, arch, root=sources).resources()
+    program = nvrtc.compile_program("fwd.cu", expressions, arch, root=full_tiles)
+    cubin = full_tiles / "kernels.cubin"
+    cubin.write_bytes(program.binary)
+    listing = subprocess.run(
+        [nvdisasm(), "-c", str(cubin)], check=True, capture_output=True, text=True
+    ).stdout
+    by_name = functions(listing)
+    results = []
+    for expression in expressions:
+        opcodes, inner_loops = loop_opcodes(by_name[program.lowered_names[expression]])
+        total, mma = sum(opcodes.values()), opcodes["HMMA"]
+        used = resources[expression]
+        results.append(
+            dict(
+                registers=used.registers,
+                spilled=used.spill_store_bytes + used.spill_load_bytes,
+                instructions=total,
+                mma=mma,
+                per_mma=round(total / mma, 2) if mma else None,
+                inner_loops=inner_loops,
+                opcodes=dict(opcodes.most_common()),
+            )
+        )
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cuattn bench key_loop", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--arch", default="sm_90", help="e.g. sm_80, sm_90 (default)")
+    parser.add_argument(
+        "--kernels", type=Path, help="CUDA sources to read (default: this checkout's)"
+    )
+    parser.add_argument("--out", help="directory for the results (default bench/results)")
+    args = parser.parse_args(argv)
+    from cuattn.kernels import ForwardKernel, kernel_dir
+
+    kernels = (args.kernels or kernel_dir()).resolve()
+    cases = [
+        (head_dim, tile, ForwardKernel("bfloat16", head_dim, False, False, False, None, True))
+        if tile == "decode"
+        else (head_dim, tile, ForwardKernel("bfloat16", head_dim, False, False, False, tile))
+        for head_dim, tile in CASES
+    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        full_tiles = full_tile_sources(kernels, Path(scratch))
+        measured = measure([kernel for _, _, kernel in cases], args.arch, kernels, full_tiles)
+    rows = []
+    for (head_dim, tile, kernel), figures in zip(cases, measured, strict=True):
+        label = " (table)" if tile is None else " (decode)" if tile == "decode" else ""
+        rows.append(
+            dict(head_dim=head_dim, tile="x".join(map(str, kernel.tile)) + label, **figures)
+        )
+        rows[-1]["top"] = ", ".join(f"{op} {n}" for op, n in list(figures["opcodes"].items())[:8])
+    text = table(
+        rows,
+        [
+            ("head_dim", "D"),
+            ("tile", "block_m x block_n x warps"),
+            ("registers", "registers"),
+            ("spilled", "spill bytes"),
+            ("mma", "mma per warp"),
+            ("instructions", "instructions per warp"),
+            ("per_mma", "per mma"),
+            ("inner_loops", "inner loops"),
+            ("top", "most frequent"),
+        ],
+    )
+    title = "Forward kernel key loop: bfloat16, one full tile, compiled but not run"
+    sources = str(args.kernels) if args.kernels else "this checkout"
+    publish(
+        "key-loop",
+        title,
+        text,
+        dict(arch=args.arch, kernels=sources, rows=rows),
+        args.out,
+        args.arch,
+        None,
+        False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

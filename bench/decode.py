@@ -7,7 +7,9 @@ measured in the same run (issue 5's target: at least 80% on every row with B * l
 the ratio to PyTorch SDPA on the same cache (target 1.5x), and the seed's GQA table: decode
 time of MHA, GQA-8 and MQA for the same query heads, and each one's speed-up over MHA.
 Also the host time per call of cuattn and SDPA (launches back to back, no waiting): a
-call whose host time exceeds its GPU time is bound by the host.
+call whose host time exceeds its GPU time is bound by the host; and the time of a whole
+decoding step, this token's key and value appended to the cache in place, then attention
+over it.
 
     python -m cuattn bench decode [--quick] [--out DIR]
 """
@@ -73,9 +75,19 @@ def main(argv=None) -> int:
                     for _ in range(2)
                 ]
                 moved = cache_bytes + 2 * queries[0].numel() * 2
+                step_kv = [
+                    torch.randn(batch, 1, heads_kv, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2)
+                ]
 
                 def ours(i, q=queries, k=k_cache, v=v_cache, n=length):
                     return cuattn.attention_with_kvcache(q[i % 2], k, v, cache_seqlens=n)
+
+                def step(i, q=queries, k=k_cache, v=v_cache, new=step_kv, n=length):
+                    # The cache holds n - 1 tokens; the step writes the n-th, then attends.
+                    return cuattn.attention_with_kvcache(
+                        q[i % 2], k, v, new[0], new[1], cache_seqlens=n - 1
+                    )
 
                 def sdpa(i, q=queries, k=k_cache, v=v_cache, g=HEADS_Q // heads_kv):
                     return torch.nn.functional.scaled_dot_product_attention(
@@ -95,6 +107,7 @@ def main(argv=None) -> int:
                         f"{str(failure).splitlines()[0][:100]}"
                     )
                     sdpa_time = None
+                step_us = round(time_cuda(step, runs=runs).median * 1e6, 1)
                 host_us = round(host_time(ours, runs=runs).median * 1e6, 1)
                 sdpa_host_us = (
                     round(host_time(sdpa, runs=runs).median * 1e6, 1) if sdpa_time else None
@@ -111,6 +124,7 @@ def main(argv=None) -> int:
                         max_abs_diff=f"{error:.1e}",
                         host_us=host_us,
                         sdpa_host_us=sdpa_host_us,
+                        step_us=step_us,
                         timing=timing.as_dict(),
                     )
                 )
@@ -119,7 +133,7 @@ def main(argv=None) -> int:
                     f"{rows[-1]['gb_s']} GB/s ({rows[-1]['of_copy']} of copy)",
                     flush=True,
                 )
-                del k_cache, v_cache, queries
+                del k_cache, v_cache, queries, step_kv
                 torch.cuda.empty_cache()
     # The seed's GQA table: the same query heads, fewer KV heads to read.
     gqa = []
@@ -150,6 +164,7 @@ def main(argv=None) -> int:
             ("max_abs_diff", "max |diff| vs SDPA"),
             ("host_us", "host us per call"),
             ("sdpa_host_us", "SDPA host us per call"),
+            ("step_us", "us with this step's append"),
         ],
     )
     gqa_text = table(

@@ -24,7 +24,8 @@ from .timing import attention_flops
 # give each warp 32 query rows, two m16 tiles sharing every K and V fragment read from
 # shared memory, as FlashAttention-2 does; the table's tiles give each warp 16. (Sweep
 # 51487b8 timed 128x32x4 before the kernel's loops shared those fragments: bench/NOTES.md.)
-# At head dim 128 they compile without spills for sm_90 only (item 9 of the notes).
+# At head dim 128 they compile without spills for sm_90 only (key-loop-sm_*-2026-11-27 in
+# bench/results).
 PREFILL_TILES = {64: (None, (128, 32, 4), (128, 64, 4)), 128: (None, (128, 32, 4), (128, 64, 4))}
 # The decoding tile (32 rows over 2 warps) won the sweeps of 51487b8 and cabfe46; what is
 # left open is how many splits pay.

@@ -166,3 +166,44 @@ def merge_params(
                 p[f"{name}_{axis}_stride"] = stride
     p["batch"], p["seqlen"], p["heads"], p["head_dim"] = out.shape
     return params
+
+
+# kernels/append.cu's AppendParams.
+_APPEND_ARRAYS = ("k_cache", "v_cache", "k_new", "v_new")
+APPEND_FIELDS = (
+    [(name, np.uint64) for name in (*_APPEND_ARRAYS, "cache_seqlens")]
+    + [
+        (f"{array}_{axis}_stride", np.int64)
+        for array in _APPEND_ARRAYS
+        for axis in ("batch", "row", "head")
+    ]
+    + [
+        (name, np.int64)
+        for name in ("batch", "new_tokens", "heads", "head_dim", "capacity", "filled")
+    ]
+)
+APPEND_DTYPE = _layout(APPEND_FIELDS)
+
+
+def append_params(
+    k_cache: RawArray,
+    v_cache: RawArray,
+    k_new: RawArray,
+    v_new: RawArray,
+    cache_seqlens: RawArray | None,
+    filled: int,
+) -> np.ndarray:
+    """The append kernel's argument: caches (batch, capacity, heads, dim), new tokens
+    (batch, new_tokens, heads, dim); lengths on the device, or null when every sequence
+    holds ``filled`` tokens."""
+    params = np.zeros(1, APPEND_DTYPE)
+    p = params[0]
+    arrays = dict(zip(_APPEND_ARRAYS, (k_cache, v_cache, k_new, v_new), strict=True))
+    for name, raw in arrays.items():
+        p[name] = raw.ptr
+        for axis, stride in zip(("batch", "row", "head"), raw.strides[:3], strict=True):
+            p[f"{name}_{axis}_stride"] = stride
+    p["cache_seqlens"] = cache_seqlens.ptr if cache_seqlens is not None else 0
+    p["batch"], p["new_tokens"], p["heads"], p["head_dim"] = k_new.shape
+    p["capacity"], p["filled"] = k_cache.shape[1], filled
+    return params

@@ -304,13 +304,37 @@ class MergeKernel:
         return (-(-rows // self.rows_per_block), 1, 1)
 
 
+@dataclass(frozen=True)
+class AppendKernel:
+    """The kernel that writes new keys and values into a KV cache (append.cu): a block per
+    (sequence, new token) and cache."""
+
+    dtype: str
+
+    source = "append.cu"
+    params_type = "cuattn::AppendParams"
+    threads = 128  # append.cu's kAppendThreads
+    shared_bytes = 0
+
+    @property
+    def name(self) -> str:
+        return f"append_{_SHORT[self.dtype]}"
+
+    @property
+    def expression(self) -> str:
+        return f"cuattn::append_kv<{_DTYPE_NAMES[self.dtype]}>"
+
+    def grid(self, batch: int, new_tokens: int) -> tuple[int, int, int]:
+        return (batch * new_tokens, 2, 1)
+
+
 def dtype_name(dtype) -> str:
     """ "float16", "bfloat16" or "float32"."""
     return "bfloat16" if dtype == BFLOAT16 else dtype.name
 
 
 @functools.cache
-def all_kernels() -> tuple[ForwardKernel | CombineKernel | MergeKernel, ...]:
+def all_kernels() -> tuple[ForwardKernel | CombineKernel | MergeKernel | AppendKernel, ...]:
     """Every instantiation cuattn can launch."""
     dtypes = ("float16", "bfloat16", "float32")
     forward = tuple(
@@ -320,5 +344,5 @@ def all_kernels() -> tuple[ForwardKernel | CombineKernel | MergeKernel, ...]:
         for variant in ForwardKernel(dtype, head_dim, False, False).variants()
     )
     return forward + tuple(
-        kernel(dtype) for kernel in (CombineKernel, MergeKernel) for dtype in dtypes
+        kernel(dtype) for kernel in (CombineKernel, MergeKernel, AppendKernel) for dtype in dtypes
     )

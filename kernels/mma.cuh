@@ -24,9 +24,9 @@
 namespace cuattn {
 
 #if !CUATTN_EMULATED
-// The intrinsic, not inline PTX: the compiler then knows the pointer is in shared memory and
-// does the tile arithmetic on 32-bit shared addresses (through inline cvta it added 64-bit
-// generic addresses, about 3 instructions an ldmatrix).
+// The intrinsic, not inline PTX: the compiler then knows the pointer is in shared memory,
+// does the tile arithmetic on 32-bit shared addresses and folds constant offsets into the
+// ldmatrix (through an inline cvta it added up 64-bit generic addresses for every one).
 __device__ __forceinline__ uint32 shared_address(const void* pointer) {
     return uint32(__cvta_generic_to_shared(pointer));
 }

@@ -60,9 +60,9 @@ __device__ __forceinline__ void load_tile(SharedTile<Element, ROWS, COLS> tile, 
         if constexpr (Rows::kEvenlySpaced) {
             // Key tiles come through here once per tile, so the copies are unrolled: each
             // thread copies one column of chunks, every kRowStep-th row, and its source and
-            // destination advance by constants. (A run-time loop took about 30 instructions
-            // per 16 bytes.) Threads past the last whole row of chunks idle: 8 of 128 at
-            // head dim 96.
+            // destination advance by constants. (As a run-time loop, the index arithmetic of
+            // each 16-byte copy cost more than the copy: bench/NOTES.md, item 9.) Threads past
+            // the last whole row of chunks idle: 8 of 128 at head dim 96.
             constexpr int kRowStep = THREADS / kChunksPerRow;
             static_assert(kRowStep > 0, "a row of chunks per pass at least");
             if (int(threadIdx.x) >= kRowStep * kChunksPerRow) return;

@@ -254,7 +254,13 @@ def test_sanitizer_reports_a_read_past_an_array(emulate_options):
 # --- planted bugs ----------------------------------------------------------------------------
 
 PLANTED = {
-    # One row past the end of every tile: the last tile of K and V reads past the array.
+    # One row past the end of the query tile: the last block reads a row past q.
+    "query-tile-bound-off-by-one": (
+        "tile.cuh",
+        "const bool valid = r < valid_rows && c < head_dim;\n                cp_async_16(",
+        "const bool valid = r <= valid_rows && c < head_dim;\n                cp_async_16(",
+    ),
+    # One row past the end of every key tile: the last tile of K and V reads past the array.
     "tile-bound-off-by-one": (
         "tile.cuh",
         "const bool valid = column_valid && r < valid_rows;",

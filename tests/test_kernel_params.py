@@ -7,12 +7,20 @@ import subprocess
 import pytest
 
 from cuattn.backends.emulate import compiler
-from cuattn.kernel_params import FIELDS, MERGE_DTYPE, MERGE_FIELDS, PARAMS_DTYPE
+from cuattn.kernel_params import (
+    APPEND_DTYPE,
+    APPEND_FIELDS,
+    FIELDS,
+    MERGE_DTYPE,
+    MERGE_FIELDS,
+    PARAMS_DTYPE,
+)
 from cuattn.kernels import kernel_dir
 
 STRUCTS = {
     "AttentionParams": ("params.cuh", FIELDS, PARAMS_DTYPE),
     "MergeParams": ("combine.cu", MERGE_FIELDS, MERGE_DTYPE),
+    "AppendParams": ("append.cu", APPEND_FIELDS, APPEND_DTYPE),
 }
 
 

@@ -133,3 +133,78 @@ def test_a_cache_filled_to_one_length_needs_no_lengths_on_the_device():
         params = attention_params(spec, *arrays, None, None, sequences)[0]
         assert (params["cache_seqlens"] != 0) == on_device
         assert params["seqlen_k"] == keys  # the shared count, or the capacity
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("lengths", [[5, 14, -3], [14, 14, 14]], ids=["per-sequence", "one-length"])
+def test_the_append_kernel_writes_nothing_outside_a_cache_whatever_the_lengths(rng, lengths):
+    """The API refuses an append that would overflow before anything runs; the kernel checks
+    each row again, for every other caller. Launched here with lengths the API would refuse,
+    under the sanitizer: rows outside the cache are skipped (without the check, the sanitizer
+    faults past the last sequence and other sequences' rows are overwritten), rows inside are
+    written."""
+    skip_if_unavailable("emulate")
+    from cuattn import backends
+    from cuattn.dlpack import from_numpy
+
+    caches = [random_array(rng, (3, 16, 2, 32), np.float16) for _ in range(2)]
+    new = [random_array(rng, (3, 4, 2, 32), np.float16) for _ in range(2)]
+    expected = [c.copy() for c in caches]
+    for cache, fresh in zip(expected, new, strict=True):
+        for b, length in enumerate(lengths):
+            for token in range(4):
+                if 0 <= length + token < 16:
+                    cache[b, length + token] = fresh[b, token]
+    backends.get("emulate").append_kv(
+        *(from_numpy(a) for a in (*caches, *new)), np.array(lengths, np.int32)
+    )
+    for cache, wanted in zip(caches, expected, strict=True):
+        np.testing.assert_array_equal(cache, wanted)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_k_and_v_caches_may_be_views_of_one_buffer(rng, backend):
+    """A packed KV buffer (batch, capacity, 2, heads, dim) serves as both caches: each append
+    writes its own half and leaves the other's new rows in place (the emulator's sanitizer
+    copies of the two interleaved views included)."""
+    skip_if_unavailable(backend)
+    q = random_array(rng, (2, 1, 4, 32), np.float16)
+    kv = random_array(rng, (2, 64, 2, 2, 32), np.float16)
+    new = random_array(rng, (2, 2, 2, 2, 32), np.float16)
+    lengths = np.array([10, 40], np.int32)
+    expected = kvcache_oracle(
+        q, kv[:, :, 0], kv[:, :, 1], new[:, :, 0], new[:, :, 1], lengths, causal=True
+    )
+    packed = to_backend(kv, backend)
+    fresh = to_backend(new, backend)
+    out = cuattn.attention_with_kvcache(
+        to_backend(q, backend),
+        packed[:, :, 0],
+        packed[:, :, 1],
+        fresh[:, :, 0],
+        fresh[:, :, 1],
+        lengths,
+        causal=True,
+        backend=backend,
+    )
+    assert_close(to_host(out), expected[0], np.float16)
+    np.testing.assert_array_equal(to_host(packed)[:, :, 0], expected[2])
+    np.testing.assert_array_equal(to_host(packed)[:, :, 1], expected[3])
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("emulate", marks=pytest.mark.emulate)])
+@pytest.mark.parametrize("batch, new_tokens", [(0, 2), (2, 0)], ids=["no-sequences", "no-tokens"])
+def test_an_empty_append_is_a_no_op_on_every_backend(rng, backend, batch, new_tokens):
+    """KVCache's rolling copies reach the backends without the API's emptiness check."""
+    skip_if_unavailable(backend)
+    from cuattn import backends
+    from cuattn.dlpack import from_numpy
+
+    caches = [random_array(rng, (batch, 8, 2, 32), np.float16) for _ in range(2)]
+    before = [c.copy() for c in caches]
+    new = [random_array(rng, (batch, new_tokens, 2, 32), np.float16) for _ in range(2)]
+    backends.get(backend).append_kv(
+        *(from_numpy(a) for a in (*caches, *new)), np.full(batch, 3, np.int32)
+    )
+    for cache, old in zip(caches, before, strict=True):
+        np.testing.assert_array_equal(cache, old)

@@ -18,9 +18,10 @@ import numpy as np
 from .. import nvrtc
 from ..cache import cached_file, digest
 from ..dlpack import RawArray
-from ..interop import as_cupy, cupy_stream
-from ..kernel_params import attention_params, merge_params
+from ..interop import cupy_stream
+from ..kernel_params import append_params, attention_params, merge_params
 from ..kernels import (
+    AppendKernel,
     CombineKernel,
     ForwardKernel,
     MergeKernel,
@@ -35,7 +36,7 @@ from ..spec import AttentionSpec, Sequences
 _DEFAULT_SHARED_LIMIT = 48 * 1024
 
 
-Kernel = ForwardKernel | CombineKernel | MergeKernel
+Kernel = ForwardKernel | CombineKernel | MergeKernel | AppendKernel
 
 
 def _cupy():
@@ -219,11 +220,27 @@ class CudaBackend:
         stream: int | None = None,
     ) -> None:
         cupy = _cupy()
+        batch, new_tokens = k_new.shape[:2]
+        if batch * new_tokens == 0:  # nothing to write (and no grid of zero blocks)
+            return
+        kernel = AppendKernel(dtype_name(k_cache.dtype))
         with cupy.cuda.Device(k_cache.device.index), cupy_stream(stream):
-            new_tokens = k_new.shape[1]
-            for cache, new in (
-                (as_cupy(k_cache), as_cupy(k_new)),
-                (as_cupy(v_cache), as_cupy(v_new)),
-            ):
-                for b, length in enumerate(cache_seqlens):
-                    cache[b, int(length) : int(length) + new_tokens] = new[b]
+            lengths, filled = None, int(cache_seqlens[0])
+            if (cache_seqlens != filled).any():
+                # Staged through pinned memory on the current stream, like the forward
+                # call's lengths; freed to CuPy's pool in stream order.
+                on_device = cupy.asarray(np.ascontiguousarray(cache_seqlens, np.int32))
+                lengths = RawArray(
+                    on_device.data.ptr,
+                    (batch,),
+                    (1,),
+                    np.dtype(np.int32),
+                    k_cache.device,
+                    True,
+                    on_device,
+                )
+            self._function(kernel, k_cache.device.index)(
+                kernel.grid(batch, new_tokens),
+                (kernel.threads, 1, 1),
+                (append_params(k_cache, v_cache, k_new, v_new, lengths, filled),),
+            )

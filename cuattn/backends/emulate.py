@@ -30,10 +30,9 @@ import numpy as np
 
 from ..cache import cached_file, digest
 from ..dlpack import RawArray, from_numpy
-from ..kernel_params import attention_params, merge_params
-from ..kernels import MergeKernel, dtype_name, kernel_dir, plan_forward
+from ..kernel_params import append_params, attention_params, merge_params
+from ..kernels import AppendKernel, MergeKernel, dtype_name, kernel_dir, plan_forward
 from ..spec import AttentionSpec, Sequences
-from . import host
 
 SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
 
@@ -171,6 +170,31 @@ def _extent(raw: RawArray) -> tuple[int, int]:
     return raw.ptr + low * itemsize, (high - low + 1) * itemsize
 
 
+def _overlapping(extents: dict[str, tuple[int, int]]) -> set[str]:
+    """The names of the (start, size) extents that share a byte with another one."""
+    return {
+        name
+        for name, (start, size) in extents.items()
+        for other, (other_start, other_size) in extents.items()
+        if other != name and start < other_start + other_size and other_start < start + size
+    }
+
+
+def _copy_view_back(raw: RawArray, start: int, returned: bytes) -> None:
+    """Writes back only ``raw``'s own elements from the server's copy of its extent. Writable
+    arrays may be interleaved views of one buffer (K and V caches as kv[:, :, 0] and
+    kv[:, :, 1]): copying back one whole extent would restore the other's old values."""
+    itemsize = raw.dtype.itemsize
+    copy = np.ndarray(
+        raw.shape,
+        raw.dtype,
+        buffer=returned,
+        offset=raw.ptr - start,
+        strides=tuple(s * itemsize for s in raw.strides),
+    )
+    raw.numpy()[...] = copy
+
+
 class _Library:
     def __init__(self, path: Path):
         self._library = ctypes.CDLL(str(path))
@@ -260,9 +284,14 @@ class _Server:
             self._process.stdin.flush()
             status, error_length = struct.unpack("<II", self._read(8))
             error = self._read(error_length).decode(errors="replace")
+            shared = _overlapping({f: (a, n) for f, a, n in buffers if f in writable})
             for field, start, size in buffers:
                 if field in writable:
-                    ctypes.memmove(start, self._read(size), size)
+                    returned = self._read(size)
+                    if field in shared:
+                        _copy_view_back(arrays[field], start, returned)
+                    else:
+                        ctypes.memmove(start, returned, size)
         except (BrokenPipeError, EOFError) as broken:
             self._process.wait()
             self._stderr.seek(0)
@@ -441,4 +470,24 @@ class EmulateBackend:
         cache_seqlens: np.ndarray,
         stream: int | None = None,
     ) -> None:
-        host.append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)
+        batch, new_tokens = k_new.shape[:2]
+        if batch * new_tokens == 0:  # nothing to write (and no grid of zero blocks)
+            return
+        kernel = AppendKernel(dtype_name(k_cache.dtype))
+        arrays = {"k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new}
+        lengths, filled = None, int(cache_seqlens[0])
+        if (cache_seqlens != filled).any():
+            lengths = arrays["cache_seqlens"] = from_numpy(
+                np.ascontiguousarray(cache_seqlens, np.int32)
+            )
+        self.run_kernel(
+            (kernel.source,),
+            (LibraryKernel(kernel.name, kernel.expression, kernel.params_type),),
+            kernel.name,
+            append_params(k_cache, v_cache, k_new, v_new, lengths, filled),
+            kernel.grid(batch, new_tokens),
+            (kernel.threads, 1, 1),
+            kernel.shared_bytes,
+            arrays,
+            {"k_cache", "v_cache"},
+        )

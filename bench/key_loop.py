@@ -24,17 +24,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cuattn.kernels import Tile
+
 from .report import publish, table
 
 # (head dim, tile); None is the table's tile (cuattn/kernels.py), "decode" its decoding tile.
 CASES = (
     (64, None),
-    (64, (128, 32, 4)),
-    (64, (128, 64, 4)),
+    (64, Tile(64, 32, 4, 2)),
+    (64, Tile(128, 32, 4)),
+    (64, Tile(128, 64, 4)),
+    (64, Tile(128, 64, 4, 2)),
     (128, None),
-    (128, (128, 32, 4)),
-    (128, (128, 64, 4)),
+    (128, Tile(128, 64, 8, 2)),
+    (128, Tile(128, 32, 4)),
+    (128, Tile(128, 64, 4)),
+    (128, Tile(128, 64, 4, 2)),
     (128, "decode"),
+    (128, Tile(32, 64, 2, 2)),
 )
 
 # The two run-time conditions fixed for the count: operands on 16-byte boundaries (cp.async
@@ -135,6 +142,7 @@ def measure(kernels: list, arch: str, sources: Path, full_tiles: Path) -> list[d
                 instructions=total,
                 mma=mma,
                 per_mma=round(total / mma, 2) if mma else None,
+                barriers=opcodes["BAR"],
                 inner_loops=inner_loops,
                 opcodes=dict(opcodes.most_common()),
             )
@@ -167,20 +175,19 @@ def main(argv=None) -> int:
     rows = []
     for (head_dim, tile, kernel), figures in zip(cases, measured, strict=True):
         label = " (table)" if tile is None else " (decode)" if tile == "decode" else ""
-        rows.append(
-            dict(head_dim=head_dim, tile="x".join(map(str, kernel.tile)) + label, **figures)
-        )
+        rows.append(dict(head_dim=head_dim, tile=str(kernel.tile) + label, **figures))
         rows[-1]["top"] = ", ".join(f"{op} {n}" for op, n in list(figures["opcodes"].items())[:8])
     text = table(
         rows,
         [
             ("head_dim", "D"),
-            ("tile", "block_m x block_n x warps"),
+            ("tile", "block_m x block_n x warps, K/V stages"),
             ("registers", "registers"),
             ("spilled", "spill bytes"),
             ("mma", "mma per warp"),
             ("instructions", "instructions per warp"),
             ("per_mma", "per mma"),
+            ("barriers", "barriers"),
             ("inner_loops", "inner loops"),
             ("top", "most frequent"),
         ],

@@ -1,11 +1,11 @@
 """Tile shapes and split targets of the forward kernel, timed on this GPU: the measurements
 behind the tile table and the split target in cuattn/kernels.py.
 
-Every candidate (block_m, block_n, warps) is compiled ahead (in parallel), checked once
-against PyTorch SDPA, then timed on prefill shapes (16k tokens, bfloat16, D 64 and 128,
-causal and not) and on decode shapes (one query token over a 32k cache, 32 query heads,
-GQA-8 and multi-head; multi-query over 128k) with several split targets (blocks per
-multiprocessor). SDPA's own time is printed beside each case as the yardstick.
+Every candidate tile (block_m x block_n x warps, and K/V stages) is compiled ahead (in
+parallel), checked once against PyTorch SDPA, then timed on prefill shapes (16k tokens,
+bfloat16, D 64 and 128, causal and not) and on decode shapes (one query token over a 32k
+cache, 32 query heads, GQA-8 and multi-head; multi-query over 128k) with several split
+targets (blocks per multiprocessor). SDPA's own time is printed beside each case as the yardstick.
 
     python -m cuattn bench tiles [--quick] [--out DIR]
 """
@@ -17,19 +17,39 @@ import functools
 import os
 import sys
 
+from cuattn.kernels import Tile
+
 from .report import publish, table
 from .timing import attention_flops
 
-# None: what cuattn/kernels.py chooses (its tile table, its split target). The candidates
-# give each warp 32 query rows, two m16 tiles sharing every K and V fragment read from
-# shared memory, as FlashAttention-2 does; the table's tiles give each warp 16. (Sweep
-# 51487b8 timed 128x32x4 before the kernel's loops shared those fragments: bench/NOTES.md.)
-# At head dim 128 they compile without spills for sm_90 only (key-loop-sm_*-2026-11-27 in
-# bench/results).
-PREFILL_TILES = {64: (None, (128, 32, 4), (128, 64, 4)), 128: (None, (128, 32, 4), (128, 64, 4))}
-# The decoding tile (32 rows over 2 warps) won the sweeps of 51487b8 and cabfe46; what is
-# left open is how many splits pay.
-DECODE_TILES = (None,)
+# None: what cuattn/kernels.py chooses (its tile table, its split target). Two kinds of
+# candidate. Tiles that give each warp 32 query rows, two m16 tiles sharing every K and V
+# fragment read from shared memory, as FlashAttention-2 does (the table's give each warp 16;
+# sweep 51487b8 timed 128x32x4 before the kernel's loops shared those fragments:
+# bench/NOTES.md); at head dim 128 those compile without spills for sm_90 only
+# (key-loop-sm_*-2026-11-27 in bench/results). And tiles with a ring of K/V stages ("s2":
+# two), which copy a whole tile ahead with one barrier a tile instead of four.
+PREFILL_TILES = {
+    64: (
+        None,
+        Tile(64, 32, 4, 2),
+        Tile(128, 32, 4),
+        Tile(128, 64, 4),
+        Tile(128, 32, 4, 2),
+        Tile(128, 64, 4, 2),
+    ),
+    128: (
+        None,
+        Tile(128, 64, 8, 2),
+        Tile(128, 32, 4),
+        Tile(128, 64, 4),
+        Tile(128, 32, 4, 2),
+        Tile(128, 64, 4, 2),
+    ),
+}
+# The decoding tile (32 rows over 2 warps) won the sweeps of 51487b8 and cabfe46; open are
+# how many splits pay and whether copying ahead keeps more of the cache in flight.
+DECODE_TILES = (None, Tile(32, 64, 2, 2), Tile(32, 64, 2, 3))
 SPLIT_TARGETS = (None, 2, 8, 16)
 TOKENS, MODEL_DIM = 16384, 2048
 HEADS_Q, DECODE_DIM = 32, 128
@@ -165,7 +185,7 @@ def main(argv=None) -> int:
                         case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
                         f"Hkv={case['heads_kv']} D={case['head_dim']}"
                         + (" causal" if case["causal"] else ""),
-                        tile="x".join(map(str, tile)) if tile else "default",
+                        tile=str(tile) if tile else "default",
                         split_target=target or "default",
                         us=round(timing.median * 1e6, 1),
                         rate=rate,
@@ -189,7 +209,7 @@ def main(argv=None) -> int:
         rows,
         [
             ("case", "case"),
-            ("tile", "block_m x block_n x warps"),
+            ("tile", "block_m x block_n x warps, K/V stages"),
             ("split_target", "blocks per SM"),
             ("us", "us"),
             ("rate", "rate"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from .dlpack import BFLOAT16
 from .spec import AttentionSpec, Sequences
@@ -24,17 +25,32 @@ HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 _DTYPE_NAMES = {"float16": "cuattn::half", "bfloat16": "cuattn::bfloat16", "float32": "float"}
 _SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 
-# (block_m, block_n, warps) per (tensor cores?, head dim). Chosen so that every
-# instantiation compiles for sm_80 and sm_90 with no register spills
-# (tests/test_kernel_build.py), and at head dims 64 and 128 by timing candidates on an
-# H200 (bench/tiles.py; bench/results/tiles-*): 64 x 32 was the fastest at 64, 128 x 64
-# over 8 warps at 128. 256 needs the narrow key tile to stay in registers.
-_TENSOR_CORE_TILES = {d: (64, 64, 4) for d in HEAD_DIMS} | {
-    64: (64, 32, 4),
-    128: (128, 64, 8),
-    256: (64, 16, 4),
+
+class Tile(NamedTuple):
+    """A forward block's shape: query rows, keys per tile, warps, and how many K/V tiles
+    it keeps in shared memory (fwd.cu: one, or a ring that copies ahead of the loop)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    kv_stages: int = 1
+
+    def __str__(self) -> str:
+        stages = f"s{self.kv_stages}" if self.kv_stages > 1 else ""
+        return f"{self.block_m}x{self.block_n}x{self.warps}{stages}"
+
+
+# The tile per (tensor cores?, head dim). Chosen so that every instantiation compiles for
+# sm_80 and sm_90 with no register spills (tests/test_kernel_build.py), and at head dims 64
+# and 128 by timing candidates on an H200 (bench/tiles.py; bench/results/tiles-*): 64 x 32
+# was the fastest at 64, 128 x 64 over 8 warps at 128. 256 needs the narrow key tile to
+# stay in registers.
+_TENSOR_CORE_TILES = {d: Tile(64, 64, 4) for d in HEAD_DIMS} | {
+    64: Tile(64, 32, 4),
+    128: Tile(128, 64, 8),
+    256: Tile(64, 16, 4),
 }
-_SIMT_TILES = {d: (32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
+_SIMT_TILES = {d: Tile(32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
 # Decoding (at most this many query rows per block: one token, or the packed query heads
 # of a group) takes a tile of DECODE_ROWS rows with the prefill tile's per-warp work (16
 # rows a warp), so registers are unchanged; the smaller block leaves room for more blocks
@@ -70,8 +86,9 @@ class ForwardKernel:
     softcap: bool
     # Grouped-query packing: a block takes all query heads of one KV head (tensor cores only).
     pack_gqa: bool = False
-    # (block_m, block_n, warps) other than the table's: for tuning (bench/tiles.py).
-    tile_override: tuple[int, int, int] | None = None
+    # A tile other than the table's, for tuning (bench/tiles.py): a Tile or a tuple of its
+    # fields.
+    tile_override: Tile | None = None
     # The decoding tile (DECODE_ROWS rows; tensor cores only).
     decode: bool = False
 
@@ -79,46 +96,53 @@ class ForwardKernel:
     params_type = "cuattn::AttentionParams"
 
     def __post_init__(self):
-        if self.tile_override is not None and not self.tensor_cores:
+        if self.tile_override is None:
+            return
+        if not self.tensor_cores:
             # Its block is 4 lanes per row (block_m * 4 threads): a warp count means nothing.
             raise ValueError("tile_override: the float32 kernel's tile is fixed")
+        tile = Tile(*self.tile_override)
+        if tile.kv_stages < 1:
+            raise ValueError(f"tile_override: kv_stages must be at least 1, got {tile.kv_stages}")
+        object.__setattr__(self, "tile_override", tile)
 
     @property
     def tensor_cores(self) -> bool:
         return self.dtype != "float32"
 
     @property
-    def tile(self) -> tuple[int, int, int]:
-        """(block_m, block_n, warps)."""
+    def tile(self) -> Tile:
         if self.tile_override is not None:
             return self.tile_override
         if not self.tensor_cores:
             return _SIMT_TILES[self.head_dim]
-        block_m, block_n, warps = _TENSOR_CORE_TILES[self.head_dim]
+        tile = _TENSOR_CORE_TILES[self.head_dim]
         if self.decode:
-            return DECODE_ROWS, block_n, warps * DECODE_ROWS // block_m
-        return block_m, block_n, warps
+            return tile._replace(
+                block_m=DECODE_ROWS, warps=tile.warps * DECODE_ROWS // tile.block_m
+            )
+        return tile
 
     @property
     def block_m(self) -> int:
-        return self.tile[0]
+        return self.tile.block_m
 
     @property
     def block_n(self) -> int:
-        return self.tile[1]
+        return self.tile.block_n
 
     @property
     def threads(self) -> int:
-        return self.tile[2] * 32
+        return self.tile.warps * 32
 
     @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory: a Q tile and a K and a V tile, rows padded by 16 bytes
-        (tile.cuh's SharedTile)."""
-        block_m, block_n, _ = self.tile
+        """Dynamic shared memory: a Q tile and a K and a V tile per stage, rows padded by
+        16 bytes (tile.cuh's SharedTile)."""
+        tile = self.tile
         itemsize = 4 if self.dtype == "float32" else 2
         row_bytes = self.head_dim * itemsize + 16
-        return (block_m + 2 * block_n) * row_bytes
+        return (tile.block_m + 2 * tile.kv_stages * tile.block_n) * row_bytes
 
     @property
     def name(self) -> str:
@@ -134,20 +158,21 @@ class ForwardKernel:
             if on
         )
         if self.tile_override is not None:
-            flags += "_m{}n{}w{}".format(*self.tile_override)
+            flags += "_m{}n{}w{}s{}".format(*self.tile_override)
         return f"forward_{_SHORT[self.dtype]}_d{self.head_dim}{flags}"
 
     @property
     def expression(self) -> str:
         """The C++ name of the instantiation (NVRTC name expression)."""
-        block_m, block_n, warps = self.tile
+        block_m, block_n, warps, kv_stages = self.tile
         flags = f"{str(self.windowed).lower()}, {str(self.softcap).lower()}"
         if self.tensor_cores:
             return (
                 f"cuattn::flash_forward<{_DTYPE_NAMES[self.dtype]}, {self.head_dim}, {block_m}, "
-                f"{block_n}, {warps}, {flags}, {str(self.pack_gqa).lower()}>"
+                f"{block_n}, {warps}, {kv_stages}, {flags}, {str(self.pack_gqa).lower()}>"
             )
         assert not self.pack_gqa, "the SIMT kernel does not pack query heads"
+        assert kv_stages == 1, "the SIMT kernel keeps one K and one V tile"
         return f"cuattn::flash_forward_simt<{self.head_dim}, {block_m}, {block_n}, {flags}>"
 
     def variants(self) -> tuple[ForwardKernel, ...]:
@@ -165,7 +190,7 @@ class ForwardKernel:
 def forward_kernel(
     spec: AttentionSpec,
     pack_gqa: bool = False,
-    tile: tuple[int, int, int] | None = None,
+    tile: Tile | None = None,
     decode: bool = False,
 ) -> ForwardKernel:
     """The instantiation that computes ``spec`` (with ``tile`` instead of the table's)."""
@@ -241,7 +266,7 @@ def plan_forward(
     q_shape: tuple[int, ...],
     multiprocessors: int,
     *,
-    tile: tuple[int, int, int] | None = None,
+    tile: Tile | None = None,
     blocks_per_multiprocessor: int | None = None,
 ) -> ForwardPlan:
     """Choose packing and the split count from the shapes and the GPU's multiprocessors.

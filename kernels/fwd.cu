@@ -21,7 +21,8 @@ __device__ __forceinline__ float base2_score(float dot, const AttentionParams& p
     return SOFTCAP ? p.softcap_log2 * tanhf(s) : s;
 }
 
-template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS>
+// Shared memory holds the Q tile, then KV_STAGES pairs of a K and a V tile.
+template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int KV_STAGES>
 struct ForwardLayout {
     static constexpr int kThreads = WARPS * kWarpSize;
     static constexpr int kRowsPerWarp = BLOCK_M / WARPS;
@@ -31,9 +32,19 @@ struct ForwardLayout {
     static constexpr int kDimColumns = HEAD_DIM / 4;      // output columns per lane
     using QTile = SharedTile<Element, BLOCK_M, HEAD_DIM>;
     using KVTile = SharedTile<Element, BLOCK_N, HEAD_DIM>;
-    static constexpr int kSharedBytes = QTile::kBytes + 2 * KVTile::kBytes;
+    static constexpr int kSharedBytes = QTile::kBytes + 2 * KV_STAGES * KVTile::kBytes;
     static_assert(kRowsPerWarp % 16 == 0, "each warp owns whole m16 tiles of rows");
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and head dims");
+    static_assert(KV_STAGES >= 1, "a K and a V tile at least");
+
+    static constexpr int kKVElements = KVTile::kBytes / int(sizeof(Element));
+    __device__ __forceinline__ static QTile q_tile(Element* shared) { return QTile{shared}; }
+    __device__ __forceinline__ static KVTile k_tile(Element* shared, int stage) {
+        return KVTile{shared + QTile::kBytes / int(sizeof(Element)) + 2 * stage * kKVElements};
+    }
+    __device__ __forceinline__ static KVTile v_tile(Element* shared, int stage) {
+        return KVTile{k_tile(shared, stage).data + kKVElements};
+    }
 };
 
 // Row and column of a lane's accumulator values in the mma C layout, as (row, column)
@@ -193,10 +204,16 @@ __device__ __forceinline__ float sink_log2(const AttentionParams& p, int head) {
 // Both kernels declare a minimum of one block per multiprocessor: it lets ptxas use the
 // registers they need. Left to aim at more blocks, it capped them at 80, 128 or 168
 // registers and spilled.
-template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, bool WINDOWED, bool SOFTCAP,
-          bool PACK_GQA>
+//
+// KV_STAGES is how the K and V tiles are copied. One stage: K[t + 1] is copied while the
+// block computes with V[t], and V[t] while it computes with K[t], four barriers a tile.
+// More stages: a ring of KV_STAGES (K, V) pairs; tile t + KV_STAGES - 1 is copied while the
+// block computes tile t, one barrier a tile, so a copy has KV_STAGES - 1 whole tiles of
+// compute to land in rather than half of one, at the cost of the shared memory.
+template <class Element, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int WARPS, int KV_STAGES, bool WINDOWED,
+          bool SOFTCAP, bool PACK_GQA>
 __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionParams params) {
-    using Layout = ForwardLayout<Element, HEAD_DIM, BLOCK_M, BLOCK_N, WARPS>;
+    using Layout = ForwardLayout<Element, HEAD_DIM, BLOCK_M, BLOCK_N, WARPS, KV_STAGES>;
     using Traits = ElementTraits<Element>;
     constexpr int kRows = Layout::kRows;
     BlockWork work;
@@ -206,21 +223,32 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
 
     CUATTN_DYNAMIC_SHARED(Element, shared);
     if (CUATTN_DYNAMIC_SHARED_SIZE() < unsigned(Layout::kSharedBytes)) __trap();
-    const typename Layout::QTile q_tile{shared};
-    const typename Layout::KVTile k_tile{shared + Layout::QTile::kBytes / sizeof(Element)};
-    const typename Layout::KVTile v_tile{k_tile.data + Layout::KVTile::kBytes / sizeof(Element)};
+    const typename Layout::QTile q_tile = Layout::q_tile(shared);
 
     const KeyValueTiles<Layout::kThreads, Element> key_values(params, work);
     const Mask mask(params, work.seq);
     const KeyTiles& tiles = work.tiles;
 
-    // Copy groups, in commit order: Q, K[first], then per tile V[t], K[t + 1] (committed
-    // even when empty, so that "all but the newest group" always means the same tile).
+    // Copy groups, in commit order, each committed even when empty, so that "all but the
+    // newest n groups" always means the same tiles. One stage: Q, K[first], then per tile
+    // V[t], K[t + 1]. More: tiles first .. first + KV_STAGES - 2 (Q with the first), then
+    // per tile t the tile t + KV_STAGES - 1.
     load_tile<Layout::kThreads>(q_tile, work.q<Element>(params), work.rows_in(params.q_row_stride, params.q_head_stride),
                                 work.rows, head_dim, vector_loads);
-    cp_async_commit();
-    if (work.tile_begin < work.tile_end) key_values.load_keys(k_tile, work.tile_begin);
-    cp_async_commit();
+    if constexpr (KV_STAGES == 1) {
+        cp_async_commit();
+        if (work.tile_begin < work.tile_end) key_values.load_keys(Layout::k_tile(shared, 0), work.tile_begin);
+        cp_async_commit();
+    } else {
+#pragma unroll
+        for (int stage = 0; stage + 1 < KV_STAGES; ++stage) {
+            if (work.tile_begin + stage < work.tile_end) {
+                key_values.load_keys(Layout::k_tile(shared, stage), work.tile_begin + stage);
+                key_values.load_values(Layout::v_tile(shared, stage), work.tile_begin + stage);
+            }
+            cp_async_commit();
+        }
+    }
 
     const int warp = int(threadIdx.x) / 32;
     const int lane = int(threadIdx.x) % 32;
@@ -234,13 +262,29 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
 #pragma unroll
         for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] = 0.0f;
 
+    int stage = 0;  // where tile t is
     for (int64 t = work.tile_begin; t < work.tile_end; ++t) {
         const int64 key_begin = tiles.begin(t);
         const int keys = int(tiles.end(t) - key_begin);
-        key_values.load_values(v_tile, t);
-        cp_async_commit();
-        cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight
-        __syncthreads();
+        const typename Layout::KVTile k_tile = Layout::k_tile(shared, stage), v_tile = Layout::v_tile(shared, stage);
+        if constexpr (KV_STAGES == 1) {
+            key_values.load_values(v_tile, t);
+            cp_async_commit();
+            cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight
+            __syncthreads();
+        } else {
+            cp_async_wait<KV_STAGES - 2>();  // this thread's copies of tile t (and Q) have landed
+            // Every thread's copies of tile t are visible, and every warp is done with tile
+            // t - 1, whose stage the copy of tile t + KV_STAGES - 1 now takes.
+            __syncthreads();
+            const int64 ahead = t + KV_STAGES - 1;
+            const int ahead_stage = stage == 0 ? KV_STAGES - 1 : stage - 1;
+            if (ahead < work.tile_end) {
+                key_values.load_keys(Layout::k_tile(shared, ahead_stage), ahead);
+                key_values.load_values(Layout::v_tile(shared, ahead_stage), ahead);
+            }
+            cp_async_commit();
+        }
 
         // S = Q K^T for this warp's rows: A from Q (ldmatrix), B from K rows (ldmatrix, K
         // row-major is exactly the "col" layout of K^T).
@@ -270,9 +314,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
                 for (int mt = 0; mt < Layout::kRowTiles; ++mt) mma_into<Element>(scores, mt, np, a[mt], b);
             }
         }
-        __syncthreads();  // every warp is done with K[t]: it may be overwritten
-        if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);
-        cp_async_commit();
+        if constexpr (KV_STAGES == 1) {
+            __syncthreads();  // every warp is done with K[t]: it may be overwritten
+            if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);
+            cp_async_commit();
+        }
 
 #pragma unroll
         for (int r = 0; r < kRows; ++r)
@@ -300,8 +346,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
 #pragma unroll
             for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] *= rescale[r];
 
-        cp_async_wait<1>();  // V[t] has landed; K[t + 1] may still be in flight
-        __syncthreads();
+        if constexpr (KV_STAGES == 1) {
+            cp_async_wait<1>();  // V[t] has landed; K[t + 1] may still be in flight
+            __syncthreads();
+        }
 
         // O += P V: P, this lane's probabilities, is already in the A layout (two adjacent
         // 8-key column tiles of the C layout form one k16 step); V rows are keys, so the B
@@ -326,7 +374,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
                 for (int mt = 0; mt < Layout::kRowTiles; ++mt) mma_into<Element>(out, mt, dp, a[mt], b);
             }
         }
-        __syncthreads();  // every warp is done with V[t]
+        if constexpr (KV_STAGES == 1) __syncthreads();  // every warp is done with V[t]
+        stage = stage + 1 == KV_STAGES ? 0 : stage + 1;
     }
 
     // A learned sink counts once, in the merged result: splits other than the first leave it out.

@@ -50,9 +50,11 @@ def assert_close(actual, expected, dtype, what="out"):
     bad = ~(error <= bound)  # NaN compares False, so it is bad
     if bad.any():
         at = tuple(int(i) for i in np.argwhere(bad)[0])
+        # NaN where any bad element is NaN (a poisoned output left unwritten, say).
+        worst = np.max(np.where(bad, error, 0))
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {bad.size} elements off; worst error "
-            f"{np.nanmax(np.where(bad, error, 0)):.3g}, first at {at}: got {actual[at]!r}, "
+            f"{worst:.3g}, first at {at}: got {actual[at]!r}, "
             f"want {expected[at]!r} (dtype {np.dtype(dtype).name}, {tolerance})"
         )
 

@@ -19,9 +19,10 @@ import pytest
 
 import cuattn
 from cuattn import backends, nvrtc
+from cuattn.backends import emulate
 from cuattn.backends.emulate import EmulationFault, LibraryKernel
 from cuattn.dlpack import from_numpy
-from cuattn.kernels import kernel_dir
+from cuattn.kernels import Tile, kernel_dir, plan_forward
 
 from .helpers import BFLOAT16, assert_close, qkv
 from .oracle import attention_oracle
@@ -276,9 +277,26 @@ PLANTED = {
     "removed-syncthreads": (
         "fwd.cu",
         "cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight\n"
-        "        __syncthreads();",
+        "            __syncthreads();",
         "cp_async_wait<1>();  // Q and K[t] have landed; V[t] may still be in flight",
     ),
+    # With a ring of K/V stages: a tile read before the other warps' copies of it have landed.
+    "ring-removed-syncthreads": (
+        "fwd.cu",
+        "whose stage the copy of tile t + KV_STAGES - 1 now takes.\n            __syncthreads();",
+        "whose stage the copy of tile t + KV_STAGES - 1 now takes.",
+    ),
+    # With a ring: the wait lets the current tile's own copies stay in flight.
+    "ring-wait-one-group-short": (
+        "fwd.cu",
+        "cp_async_wait<KV_STAGES - 2>();",
+        "cp_async_wait<KV_STAGES - 1>();",
+    ),
+}
+# The tile each planted bug runs with: the table's, or one with a ring of two K/V stages.
+PLANTED_TILES = {
+    "ring-removed-syncthreads": Tile(64, 32, 4, 2),
+    "ring-wait-one-group-short": Tile(64, 32, 4, 2),
 }
 
 
@@ -286,7 +304,7 @@ PLANTED = {
 # chance run a racy kernel benignly, so it is not asked to.
 @pytest.mark.parametrize("bug", sorted(PLANTED))
 @pytest.mark.parametrize("schedule", ["forward", "reverse"])
-def test_planted_bugs_are_caught(tmp_path, rng, emulate_options, bug, schedule):
+def test_planted_bugs_are_caught(tmp_path, rng, monkeypatch, emulate_options, bug, schedule):
     file, correct, planted = PLANTED[bug]
     copy = tmp_path / "kernels"
     shutil.copytree(kernel_dir(), copy)
@@ -294,6 +312,9 @@ def test_planted_bugs_are_caught(tmp_path, rng, emulate_options, bug, schedule):
     assert source.count(correct) == 1, "the planted bug no longer matches the kernel source"
     (copy / file).write_text(source.replace(correct, planted))
     emulate_options(kernel_dir=copy, schedule=schedule, seed=7)
+    if bug in PLANTED_TILES:
+        tile = PLANTED_TILES[bug]
+        monkeypatch.setattr(emulate, "plan_forward", functools.partial(plan_forward, tile=tile))
     q, k, v = qkv(rng, 1, 150, 150, 4, 2, 64, np.float16)
     expected, _ = attention_oracle(q, k, v, causal=True)
     with pytest.raises((AssertionError, EmulationFault)):

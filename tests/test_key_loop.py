@@ -6,6 +6,8 @@ back to the instruction counts they had before their loads and addresses were re
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bench import key_loop
@@ -49,11 +51,13 @@ def test_the_key_loop_is_straight_code_within_its_instruction_budget(tmp_path):
         key_loop.nvdisasm()
     except (nvrtc.NvrtcError, FileNotFoundError) as error:
         pytest.skip(str(error))
-    kernels = [ForwardKernel("bfloat16", head_dim, False, False) for head_dim, _ in BOUNDS]
+    # Each table tile, and the same tile with a ring of two K/V stages.
+    table = [ForwardKernel("bfloat16", head_dim, False, False) for head_dim, _ in BOUNDS]
+    kernels = table + [replace(k, tile_override=k.tile._replace(kv_stages=2)) for k in table]
     full_tiles = key_loop.full_tile_sources(kernel_dir(), tmp_path)
     measured = key_loop.measure(kernels, "sm_90", kernel_dir(), full_tiles)
-    for kernel, (_, bound), figures in zip(kernels, BOUNDS, measured, strict=True):
-        block_m, block_n, warps = kernel.tile
+    for kernel, (_, bound), figures in zip(kernels, BOUNDS + BOUNDS, measured, strict=True):
+        block_m, block_n, warps, kv_stages = kernel.tile
         row_tiles = block_m // warps // 16
         # Q K^T: row tiles x (block_n / 8) x (D / 16); P V: row tiles x (D / 8) x (block_n / 16).
         assert figures["mma"] == 2 * row_tiles * block_n * kernel.head_dim // 128, kernel.name
@@ -64,3 +68,5 @@ def test_the_key_loop_is_straight_code_within_its_instruction_budget(tmp_path):
         assert figures["per_mma"] <= bound, (
             f"{kernel.name}: {figures['per_mma']} instructions per mma"
         )
+        # One stage: before Q K^T, after it, before P V, after it. A ring: before Q K^T only.
+        assert figures["barriers"] == (4 if kv_stages == 1 else 1), kernel.name

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 
 import cuattn
-from bench.tiles import PREFILL_TILES
+from bench.tiles import DECODE_TILES, PREFILL_TILES
 from cuattn.backends import emulate
 from cuattn.kernels import plan_forward
 
@@ -22,9 +23,7 @@ CANDIDATES = [
 
 
 @pytest.mark.emulate
-@pytest.mark.parametrize(
-    "head_dim, tile", CANDIDATES, ids=[f"d{d}-{'x'.join(map(str, t))}" for d, t in CANDIDATES]
-)
+@pytest.mark.parametrize("head_dim, tile", CANDIDATES, ids=[f"d{d}-{t}" for d, t in CANDIDATES])
 def test_every_candidate_tile_matches_the_oracle(rng, monkeypatch, head_dim, tile):
     monkeypatch.setattr(emulate, "plan_forward", functools.partial(plan_forward, tile=tile))
     # Lengths that divide no tile, GQA, and a causal window with sink tokens that hides whole
@@ -35,3 +34,28 @@ def test_every_candidate_tile_matches_the_oracle(rng, monkeypatch, head_dim, til
         expected_out, expected_lse = attention_oracle(q, k, v, **options)
         assert_close(out, expected_out, BFLOAT16)
         assert_close(lse, expected_lse, BFLOAT16, what="lse")
+
+
+DECODE_CANDIDATES = [tile for tile in DECODE_TILES if tile]
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("tile", DECODE_CANDIDATES, ids=str)
+def test_every_decoding_candidate_matches_the_oracle(rng, monkeypatch, tile):
+    # Split-KV over sequences of different lengths: splits of one tile and of several, and
+    # a sequence shorter than the copies a ring issues ahead of its first tile.
+    monkeypatch.setattr(
+        emulate,
+        "plan_forward",
+        functools.partial(plan_forward, tile=tile, blocks_per_multiprocessor=16),
+    )
+    q, k_cache, v_cache = qkv(rng, 3, 1, 700, 8, 2, 128, BFLOAT16)
+    lengths = np.array([700, 37, 300], np.int32)
+    out = cuattn.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=lengths, backend="emulate"
+    )
+    for b, length in enumerate(lengths):
+        expected, _ = attention_oracle(
+            q[b : b + 1], k_cache[b : b + 1, :length], v_cache[b : b + 1, :length]
+        )
+        assert_close(out[b : b + 1], expected, BFLOAT16)

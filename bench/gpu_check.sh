@@ -14,7 +14,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-check}"
 BUDGET="${BUDGET:-1500}"
 QUICK="${QUICK:-}"
-STEPS="${STEPS:-compile demo tests memcheck racecheck prefill decode memory tiles}"
+# The tile sweep runs early: it decides the tile table, and it compiles the candidate tiles
+# into the kernel cache, where the tests and the sanitizers find them.
+STEPS="${STEPS:-compile demo tiles tests memcheck racecheck prefill decode memory}"
 WORK="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$WORK"
 export CUATTN_CACHE_DIR="$WORK/cache"
@@ -57,10 +59,12 @@ arch="sm_$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | tr -d .)"
 # JAX would otherwise take most of the GPU's memory at its first use in the test process.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 # A cross-section for the sanitizers: each kernel (forward packed and not, split and
-# combine, merge), each dtype, ragged lengths, masks that hide whole tiles.
+# combine, merge, append), each dtype, ragged lengths, masks that hide whole tiles, and the
+# candidate tiles with rings of K/V stages (s2, s3).
 sanitized="tests/test_attention.py tests/test_varlen.py tests/test_kvcache.py tests/test_merge.py
-    tests/test_split_kv.py"
+    tests/test_split_kv.py tests/test_tiles.py"
 selection="mha or decode or gqa-4 or window-both or cross-lengths or merging or splits_a_long"
+selection="$selection or s2 or s3"
 # pytest-timeout's thread method ends a process stuck in a kernel, where a signal cannot.
 timeouts="-o timeout=120 -o timeout_method=thread"
 for name in $STEPS; do

@@ -4,8 +4,9 @@ GPU needed. Each instantiation is compiled with NVRTC and disassembled with nvdi
 and its instructions are counted by opcode.
 
 The loop counted is the one a full, unmasked tile of 16-byte aligned operands runs, the
-tile nearly every prefill and decode step runs: the sources are compiled with those two
-run-time conditions fixed (``vector_loads`` and the mask's cut-tile test), so that the
+tile nearly every prefill and decode step runs, when no row's maximum moves (as after a
+row's first tiles): the sources are compiled with those run-time conditions fixed
+(``vector_loads``, the mask's cut-tile test, the softmax's rescale test), so that the
 branches not taken drop out and the body is straight code. Registers and spills are those
 of the real kernel. Instructions per mma is a count, not a time: it says how much the
 kernel asks of the issue slots besides its tensor-core work.
@@ -44,12 +45,18 @@ CASES = (
     (128, Tile(32, 64, 2, 2)),
 )
 
-# The two run-time conditions fixed for the count: operands on 16-byte boundaries (cp.async
-# copies), and no tile cut by the mask or the sequence's end. Each pattern must be found.
+# The run-time conditions fixed for the count: operands on 16-byte boundaries (cp.async
+# copies), no tile cut by the mask or the sequence's end, and no row whose maximum moves
+# (softmax.cuh: the output is rescaled only then, rarely after a row's first tiles; the
+# warp's vote on it drops out with the branch, one instruction). Each pattern must be found.
 _FULL_TILE_EDITS = (
     ("p.vector_loads != 0", "true"),
     ("params.vector_loads != 0", "true"),
     ("keys < BLOCK_N ||", "false ||"),
+    (
+        "if (softmax.move_maxima(scores, rescale))",
+        "if (softmax.move_maxima(scores, rescale) && false)",
+    ),
 )
 
 

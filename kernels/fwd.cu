@@ -106,7 +106,11 @@ struct BlockWork {
         kv_head = pack_gqa ? int(blockIdx.y) : int(blockIdx.y) / heads_per_kv;
         first_head = pack_gqa ? int(blockIdx.y) * heads_per_kv : int(blockIdx.y);
         const int64 total_rows = seq.q_len * group;
-        first_row = int64(blockIdx.x) * block_m;
+        // Row blocks run last first. Under a causal mask the last rows see the most keys, and
+        // blocks start, in practice, in the order of their index (x fastest): so the longest
+        // start first and the short ones fill the last wave, instead of a few long blocks
+        // running on after every other multiprocessor has finished.
+        first_row = int64(gridDim.x - 1 - blockIdx.x) * block_m;
         if (first_row >= total_rows) return false;
         rows = int(total_rows - first_row < block_m ? total_rows - first_row : block_m);
         tiles = Mask(p, seq).tiles(token(0), token(rows - 1), block_n);
@@ -340,11 +344,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             }
         }
         float rescale[kRows];
-        softmax.update(scores, rescale);
+        if (softmax.move_maxima(scores, rescale)) {  // warp-uniform, and rare after a row's first tiles
 #pragma unroll
-        for (int r = 0; r < kRows; ++r)
+            for (int r = 0; r < kRows; ++r)
 #pragma unroll
-            for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] *= rescale[r];
+                for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] *= rescale[r];
+        }
+        softmax.exponentiate(scores);
 
         if constexpr (KV_STAGES == 1) {
             cp_async_wait<1>();  // V[t] has landed; K[t + 1] may still be in flight
@@ -473,9 +479,11 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
             }
         }
         float rescale[1];
-        softmax.update(scores, rescale);
+        if (softmax.move_maxima(scores, rescale)) {
 #pragma unroll
-        for (int j = 0; j < kDimsPerLane; ++j) out[0][j] *= rescale[0];
+            for (int j = 0; j < kDimsPerLane; ++j) out[0][j] *= rescale[0];
+        }
+        softmax.exponentiate(scores);
 
         cp_async_wait<1>();
         __syncthreads();

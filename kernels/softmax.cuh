@@ -5,7 +5,8 @@
 // the 4 lanes of a quad (the mma accumulator layout, and the SIMT kernel's too): the
 // maximum is reduced across the quad at every tile, because all four lanes must rescale by
 // the same factor; the sum stays a per-lane partial until finish_row(), since rescaling
-// commutes with adding the partials up.
+// commutes with adding the partials up. The maximum a row's probabilities are taken against
+// need not be the running maximum itself, only no further below it than kRescaleSlack.
 #pragma once
 
 #include "numeric.cuh"
@@ -35,29 +36,56 @@ struct OnlineSoftmax {
         }
     }
 
-    // Turns a tile of scores (masked ones -inf) into probabilities relative to the new
-    // running maximum, in place, and returns in `rescale` what the row's accumulated output
-    // must be multiplied by.
+    // A row's reference maximum moves only when a tile's maximum exceeds it by more than
+    // this (base 2): the row's accumulated output, a multiply per value, is rescaled only
+    // then. Probabilities against a reference up to this far below the true maximum reach
+    // 2^8 = 256, well inside float32 and the 16-bit types, and the result is the same, as
+    // the sum shares the reference. After its first tiles a row rarely moves, so most tiles
+    // skip the rescale (FlashAttention-4 does the same on Blackwell).
+    static constexpr float kRescaleSlack = 8.0f;
+
+    // A tile's first step: moves the reference of each row whose tile maximum (masked
+    // scores -inf) passes it by more than the slack, and rescales the row's sum to match.
+    // Returns whether any row of the warp moved; if so, each row's accumulated output must be
+    // multiplied by rescale[r] (1 for rows that did not move). The result is the same in
+    // every lane of the warp, so the caller's multiply is a branch the warp takes or skips
+    // as one, before the scores' exponentials (fewer values live across it).
     template <int COLS>
-    __device__ __forceinline__ void update(float (&scores)[ROWS][COLS], float (&rescale)[ROWS]) {
+    __device__ __forceinline__ bool move_maxima(const float (&scores)[ROWS][COLS], float (&rescale)[ROWS]) {
+        bool moved = false;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             float tile_max = scores[r][0];
 #pragma unroll
             for (int c = 1; c < COLS; ++c) tile_max = fmaxf(tile_max, scores[r][c]);
-            const float new_max = fmaxf(row_max[r], quad_max(tile_max));
+            tile_max = quad_max(tile_max);
+            rescale[r] = 1.0f;
+            // -inf + slack is -inf: a row's first visible key always moves it, and the
+            // factor exp2(-inf) = 0 clears what it accumulated before (nothing).
+            if (tile_max > row_max[r] + kRescaleSlack) {
+                rescale[r] = exp2_ftz(row_max[r] - tile_max);
+                row_max[r] = tile_max;
+                moved = true;
+            }
+            row_sum[r] *= rescale[r];
+        }
+        return __any_sync(kFullWarp, moved);
+    }
+
+    // The second step: turns the scores into probabilities against each row's reference,
+    // in place, and adds them to the row's sum.
+    template <int COLS>
+    __device__ __forceinline__ void exponentiate(float (&scores)[ROWS][COLS]) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
             // While a row has seen only masked keys its maximum is -inf; exponentiating
             // against 0 instead gives it zero probabilities, where -inf - -inf would be NaN.
-            const float reference = new_max == negative_infinity() ? 0.0f : new_max;
-            rescale[r] = exp2_ftz(row_max[r] - reference);  // 0 when nothing was seen before
-            row_max[r] = new_max;
-            float tile_sum = 0.0f;
+            const float reference = row_max[r] == negative_infinity() ? 0.0f : row_max[r];
 #pragma unroll
             for (int c = 0; c < COLS; ++c) {
                 scores[r][c] = exp2_ftz(scores[r][c] - reference);
-                tile_sum += scores[r][c];
+                row_sum[r] += scores[r][c];
             }
-            row_sum[r] = row_sum[r] * rescale[r] + tile_sum;
         }
     }
 

@@ -69,6 +69,24 @@ def test_attention_matches_oracle(rng, backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_scores_rising_along_the_keys(rng, backend, dtype, causal):
+    # The kernels move a row's reference maximum only when a tile passes it by more than a
+    # slack (kernels/softmax.cuh), and rescale the row's output only then. Keys that grow
+    # along the sequence (scores up to about 25 standard deviations) make each row's maximum
+    # climb tile after tile, a few base-2 units a tile: rows move their reference on some
+    # tiles and keep it on others, and the last keys dominate.
+    q, k, v = qkv(rng, 1, 70, 700, 2, 1, 64, dtype)
+    growth = np.linspace(0.2, 12.0, 700, dtype=np.float32)[None, :, None, None]
+    k = (k.astype(np.float32) * growth).astype(dtype)
+    out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True, causal=causal)
+    expected_out, expected_lse = attention_oracle(q, k, v, causal=causal)
+    assert_close(out, expected_out, dtype)
+    assert_close(lse, expected_lse, dtype, what="lse")
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_causal_is_the_window_with_right_edge_zero(rng, backend):
     q, k, v = qkv(rng, 1, 300, 400, 2, 2, 64, np.float32)
     causal = call(cuattn.attention, backend, q, k, v, causal=True)

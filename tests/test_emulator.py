@@ -195,6 +195,15 @@ def test_shuffles(rng, where, mode, count):
     np.testing.assert_array_equal(out, x[source[mode]])
 
 
+@pytest.mark.parametrize("lane", [None, 0, 17, 31])
+def test_any_sync(rng, where, lane):
+    x = rng.uniform(-1.0, 1.0, 32).astype(np.float32)
+    if lane is not None:
+        x[lane] = 5.0  # the one lane above the threshold of 2
+    out = run("shuffle", x, np.full(32, np.nan, np.float32), count=2, mode=3, where=where)
+    np.testing.assert_array_equal(out, np.full(32, 0.0 if lane is None else 1.0, np.float32))
+
+
 # --- faults --------------------------------------------------------------------------------
 
 

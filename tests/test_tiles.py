@@ -1,6 +1,7 @@
 """The tile shapes bench/tiles.py times on a GPU compute the right function before anyone
-times them: each candidate runs under emulation against the oracle. Candidates with two m16
-row tiles per warp take code paths the table's 16-row tiles never do."""
+times them: each candidate runs against the oracle, under emulation here and on the GPU
+(and its sanitizers) there. Candidates with two m16 row tiles per warp take code paths the
+table's 16-row tiles never do, and rings of K/V stages a copy schedule of their own."""
 
 from __future__ import annotations
 
@@ -11,49 +12,50 @@ import pytest
 
 import cuattn
 from bench.tiles import DECODE_TILES, PREFILL_TILES
-from cuattn.backends import emulate
+from cuattn.backends import cuda, emulate
 from cuattn.kernels import plan_forward
 
-from .helpers import BFLOAT16, assert_close, qkv
+from .helpers import BFLOAT16, assert_close, call, qkv
 from .oracle import attention_oracle
 
 CANDIDATES = [
     (head_dim, tile) for head_dim, tiles in PREFILL_TILES.items() for tile in tiles if tile
 ]
+DECODE_CANDIDATES = [tile for tile in DECODE_TILES if tile]
+BACKENDS = [
+    pytest.param("emulate", marks=pytest.mark.emulate),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
 
 
-@pytest.mark.emulate
+def _plan_with(monkeypatch, backend, **overrides):
+    module = emulate if backend == "emulate" else cuda
+    monkeypatch.setattr(module, "plan_forward", functools.partial(plan_forward, **overrides))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("head_dim, tile", CANDIDATES, ids=[f"d{d}-{t}" for d, t in CANDIDATES])
-def test_every_candidate_tile_matches_the_oracle(rng, monkeypatch, head_dim, tile):
-    monkeypatch.setattr(emulate, "plan_forward", functools.partial(plan_forward, tile=tile))
+def test_every_candidate_tile_matches_the_oracle(rng, monkeypatch, backend, head_dim, tile):
+    _plan_with(monkeypatch, backend, tile=tile)
     # Lengths that divide no tile, GQA, and a causal window with sink tokens that hides whole
     # tiles; then the same shapes unmasked.
     q, k, v = qkv(rng, 2, 150, 333, 4, 2, head_dim, BFLOAT16)
     for options in (dict(causal=True, window=(70, 0), sink_tokens=3), {}):
-        out, lse = cuattn.attention(q, k, v, return_lse=True, backend="emulate", **options)
+        out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True, **options)
         expected_out, expected_lse = attention_oracle(q, k, v, **options)
         assert_close(out, expected_out, BFLOAT16)
         assert_close(lse, expected_lse, BFLOAT16, what="lse")
 
 
-DECODE_CANDIDATES = [tile for tile in DECODE_TILES if tile]
-
-
-@pytest.mark.emulate
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tile", DECODE_CANDIDATES, ids=str)
-def test_every_decoding_candidate_matches_the_oracle(rng, monkeypatch, tile):
-    # Split-KV over sequences of different lengths: splits of one tile and of several, and
-    # a sequence shorter than the copies a ring issues ahead of its first tile.
-    monkeypatch.setattr(
-        emulate,
-        "plan_forward",
-        functools.partial(plan_forward, tile=tile, blocks_per_multiprocessor=16),
-    )
+def test_every_decoding_candidate_matches_the_oracle(rng, monkeypatch, backend, tile):
+    # Split-KV over sequences of different lengths: splits of one tile and of several, splits
+    # with none, and a sequence shorter than the copies a ring issues ahead of its first tile.
+    _plan_with(monkeypatch, backend, tile=tile, blocks_per_multiprocessor=16)
     q, k_cache, v_cache = qkv(rng, 3, 1, 700, 8, 2, 128, BFLOAT16)
     lengths = np.array([700, 37, 300], np.int32)
-    out = cuattn.attention_with_kvcache(
-        q, k_cache, v_cache, cache_seqlens=lengths, backend="emulate"
-    )
+    out = call(cuattn.attention_with_kvcache, backend, q, k_cache, v_cache, cache_seqlens=lengths)
     for b, length in enumerate(lengths):
         expected, _ = attention_oracle(
             q[b : b + 1], k_cache[b : b + 1, :length], v_cache[b : b + 1, :length]

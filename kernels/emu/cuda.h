@@ -128,6 +128,14 @@ T shfl_down(Site site, unsigned mask, T value, unsigned delta, int width = 32) {
     return lane % width + delta < static_cast<unsigned>(width) ? all[lane + delta] : value;
 }
 
+inline int any_sync(Site site, unsigned mask, int predicate) {
+    auto all = warp_all(predicate != 0, mask, "__any_sync", site);
+    for (unsigned lane = 0; lane < 32; ++lane) {
+        if (all[lane]) return 1;
+    }
+    return 0;
+}
+
 inline void syncwarp(Site site, unsigned mask = 0xffffffffu) {
     warp_all(nullptr, 0, mask, "__syncwarp", site);
 }
@@ -145,6 +153,7 @@ inline void syncwarp(Site site, unsigned mask = 0xffffffffu) {
 #define __shfl_xor_sync(...) ::cuemu::shfl_xor(CUEMU_SITE, __VA_ARGS__)
 #define __shfl_sync(...) ::cuemu::shfl(CUEMU_SITE, __VA_ARGS__)
 #define __shfl_down_sync(...) ::cuemu::shfl_down(CUEMU_SITE, __VA_ARGS__)
+#define __any_sync(...) ::cuemu::any_sync(CUEMU_SITE, __VA_ARGS__)
 #define __trap() ::cuemu::fault(CUEMU_SITE, "__trap() called")
 
 // Math intrinsics. The fast-math forms (__expf, __fdividef...) are computed exactly here:

@@ -56,7 +56,8 @@ __global__ void cp_async_threads(const TestParams p) {
     static_cast<uint4*>(p.output)[t] = shared[(t + 1) % int(p.count)];
 }
 
-// mode 0: __shfl_xor_sync(count), 1: __shfl_sync(source lane count), 2: __shfl_down_sync(count).
+// mode 0: __shfl_xor_sync(count), 1: __shfl_sync(source lane count), 2: __shfl_down_sync(count),
+// 3: __any_sync(x > count), as 1 or 0.
 __global__ void shuffle_lanes(const TestParams p) {
     const int t = int(threadIdx.x);
     const float x = static_cast<const float*>(p.input)[t];
@@ -65,8 +66,10 @@ __global__ void shuffle_lanes(const TestParams p) {
         y = __shfl_xor_sync(0xffffffffu, x, int(p.count));
     } else if (p.mode == 1) {
         y = __shfl_sync(0xffffffffu, x, int(p.count));
-    } else {
+    } else if (p.mode == 2) {
         y = __shfl_down_sync(0xffffffffu, x, unsigned(p.count));
+    } else {
+        y = __any_sync(0xffffffffu, x > float(p.count)) ? 1.0f : 0.0f;
     }
     static_cast<float*>(p.output)[t] = y;
 }

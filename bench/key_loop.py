@@ -45,17 +45,24 @@ CASES = (
     (128, Tile(32, 64, 2, 2)),
 )
 
-# The run-time conditions fixed for the count: operands on 16-byte boundaries (cp.async
-# copies), no tile cut by the mask or the sequence's end, and no row whose maximum moves
-# (softmax.cuh: the output is rescaled only then, rarely after a row's first tiles; the
-# warp's vote on it drops out with the branch, one instruction). Each pattern must be found.
+# The run-time conditions fixed for the count, as (file, pattern, replacement): operands on
+# 16-byte boundaries (cp.async copies), no tile cut by the mask or the sequence's end (so every
+# copy is of a whole tile), and no row whose maximum moves (softmax.cuh: the output is
+# rescaled only then, rarely after a row's first tiles; the warp's vote on it drops out with
+# the branch, one instruction). Each pattern must be found.
 _FULL_TILE_EDITS = (
-    ("p.vector_loads != 0", "true"),
-    ("params.vector_loads != 0", "true"),
-    ("keys < BLOCK_N ||", "false ||"),
+    ("fwd.cu", "p.vector_loads != 0", "true"),
+    ("fwd.cu", "params.vector_loads != 0", "true"),
+    ("fwd.cu", "keys < BLOCK_N ||", "false ||"),
     (
+        "fwd.cu",
         "if (softmax.move_maxima(scores, rescale))",
         "if (softmax.move_maxima(scores, rescale) && false)",
+    ),
+    (
+        "tile.cuh",
+        "const bool whole = valid_rows >= ROWS && head_dim == COLS;",
+        "const bool whole = true;",
     ),
 )
 
@@ -81,12 +88,11 @@ def full_tile_sources(kernels: Path, into: Path) -> Path:
     """A copy of ``kernels`` in which every key tile is full and aligned (see above)."""
     copy = into / "kernels"
     shutil.copytree(kernels, copy)
-    source = (copy / "fwd.cu").read_text()
-    for pattern, replacement in _FULL_TILE_EDITS:
+    for name, pattern, replacement in _FULL_TILE_EDITS:
+        source = (copy / name).read_text()
         if pattern not in source:
-            raise ValueError(f"fwd.cu no longer contains {pattern!r}: update bench/key_loop.py")
-        source = source.replace(pattern, replacement)
-    (copy / "fwd.cu").write_text(source)
+            raise ValueError(f"{name} no longer contains {pattern!r}: update bench/key_loop.py")
+        (copy / name).write_text(source.replace(pattern, replacement))
     return copy
 
 

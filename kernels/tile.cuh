@@ -72,8 +72,21 @@ __device__ __forceinline__ void load_tile(SharedTile<Element, ROWS, COLS> tile, 
             Element* destination = tile.row(first) + c;
             const Element* source = global + rows(first) + c;
             const int64 source_step = rows(kRowStep) - rows(0);
+            constexpr int kPasses = (ROWS + kRowStep - 1) / kRowStep;
+            // Nearly every tile is whole, with no padded columns: its copies need no test of
+            // the row or the column (a compare and two selects each). The same in every thread.
+            const bool whole = valid_rows >= ROWS && head_dim == COLS;
+            if (whole) {
 #pragma unroll
-            for (int i = 0; i < (ROWS + kRowStep - 1) / kRowStep; ++i) {
+                for (int i = 0; i < kPasses; ++i) {
+                    if (ROWS % kRowStep != 0 && first + i * kRowStep >= ROWS) break;
+                    cp_async_16(destination + i * kRowStep * Tile::kStride, source, true);
+                    source += source_step;
+                }
+                return;
+            }
+#pragma unroll
+            for (int i = 0; i < kPasses; ++i) {
                 const int r = first + i * kRowStep;
                 if (ROWS % kRowStep != 0 && r >= ROWS) break;
                 const bool valid = column_valid && r < valid_rows;

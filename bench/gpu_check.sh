@@ -14,9 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-check}"
 BUDGET="${BUDGET:-1500}"
 QUICK="${QUICK:-}"
-# The tile sweep runs early: it decides the tile table, and it compiles the candidate tiles
-# into the kernel cache, where the tests and the sanitizers find them.
-STEPS="${STEPS:-compile demo tiles tests memcheck racecheck prefill decode memory}"
+STEPS="${STEPS:-compile demo tests memcheck racecheck tiles prefill decode memory}"
 WORK="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$WORK"
 export CUATTN_CACHE_DIR="$WORK/cache"

@@ -29,20 +29,24 @@ from cuattn.kernels import Tile
 
 from .report import publish, table
 
-# (head dim, tile); None is the table's tile (cuattn/kernels.py), "decode" its decoding tile.
+# (head dim, tile); None is the table's tile (cuattn/kernels.py), "decode" its decoding tile;
+# the others are bench/tiles.py's candidates.
 CASES = (
     (64, None),
     (64, Tile(64, 32, 4, 2)),
     (64, Tile(128, 32, 4)),
     (64, Tile(128, 64, 4)),
+    (64, Tile(128, 32, 4, 2)),
     (64, Tile(128, 64, 4, 2)),
     (128, None),
     (128, Tile(128, 64, 8, 2)),
     (128, Tile(128, 32, 4)),
     (128, Tile(128, 64, 4)),
+    (128, Tile(128, 32, 4, 2)),
     (128, Tile(128, 64, 4, 2)),
     (128, "decode"),
     (128, Tile(32, 64, 2, 2)),
+    (128, Tile(32, 64, 2, 3)),
 )
 
 # The run-time conditions fixed for the count, as (file, pattern, replacement): operands on

@@ -26,9 +26,9 @@ from .timing import attention_flops
 # candidate. Tiles that give each warp 32 query rows, two m16 tiles sharing every K and V
 # fragment read from shared memory, as FlashAttention-2 does (the table's give each warp 16;
 # sweep 51487b8 timed 128x32x4 before the kernel's loops shared those fragments:
-# bench/NOTES.md); at head dim 128 those compile without spills for sm_90 only
-# (key-loop-sm_*-2026-11-27 in bench/results). And tiles with a ring of K/V stages ("s2":
-# two), which copy a whole tile ahead with one barrier a tile instead of four.
+# bench/NOTES.md); at head dim 128 they spill for sm_80, and 128x64x4s2 for sm_90 too (40
+# bytes; key-loop-sm_*-2026-11-27 in bench/results). And tiles with a ring of K/V stages
+# ("s2": two), which copy a whole tile ahead with one barrier a tile instead of four.
 PREFILL_TILES = {
     64: (
         None,

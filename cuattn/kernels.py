@@ -88,7 +88,7 @@ class ForwardKernel:
     pack_gqa: bool = False
     # A tile other than the table's, for tuning (bench/tiles.py): a Tile or a tuple of its
     # fields.
-    tile_override: Tile | None = None
+    tile_override: Tile | tuple[int, ...] | None = None
     # The decoding tile (DECODE_ROWS rows; tensor cores only).
     decode: bool = False
 

@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             }
         }
         float rescale[kRows];
-        if (softmax.move_maxima(scores, rescale)) {  // warp-uniform, and rare after a row's first tiles
+        if (softmax.move_maxima(scores, rescale)) {  // warp-uniform; expected rare after the first tiles
 #pragma unroll
             for (int r = 0; r < kRows; ++r)
 #pragma unroll

@@ -1,7 +1,7 @@
 // Online softmax: the running (max, sum) of a row, updated one tile of scores at a time.
 //
 // Scores arrive in base 2 (log2(e) is folded into the score scale), so every exponential
-// is a base-2 one (exp2_ftz in the per-tile update, numeric.cuh). Each row is spread over
+// is a base-2 one (exp2_ftz, numeric.cuh). Each row is spread over
 // the 4 lanes of a quad (the mma accumulator layout, and the SIMT kernel's too): the
 // maximum is reduced across the quad at every tile, because all four lanes must rescale by
 // the same factor; the sum stays a per-lane partial until finish_row(), since rescaling
@@ -25,7 +25,9 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 template <int ROWS>
 struct OnlineSoftmax {
-    float row_max[ROWS];  // base 2; -inf while the row has seen no visible key
+    // The reference maximum, base 2: at most kRescaleSlack below the row's running maximum;
+    // -inf while the row has seen no visible key.
+    float row_max[ROWS];
     float row_sum[ROWS];  // this lane's share of the denominator, relative to row_max
 
     __device__ __forceinline__ void init() {
@@ -40,8 +42,9 @@ struct OnlineSoftmax {
     // this (base 2): the row's accumulated output, a multiply per value, is rescaled only
     // then. Probabilities against a reference up to this far below the true maximum reach
     // 2^8 = 256, well inside float32 and the 16-bit types, and the result is the same, as
-    // the sum shares the reference. After its first tiles a row rarely moves, so most tiles
-    // skip the rescale (FlashAttention-4 does the same on Blackwell).
+    // the sum shares the reference. A warp skips the rescale when none of its rows moved,
+    // which we expect of most tiles after a row's first ones (not measured; FlashAttention-4
+    // does the same on Blackwell).
     static constexpr float kRescaleSlack = 8.0f;
 
     // A tile's first step: moves the reference of each row whose tile maximum (masked

@@ -263,6 +263,18 @@ def test_sanitizer_reports_a_read_past_an_array(emulate_options):
 
 # --- planted bugs ----------------------------------------------------------------------------
 
+# The ring's barrier and the copy it guards (fwd.cu), for a planted bug below.
+_RING_COPY = (
+    "            __syncthreads();\n"
+    "            const int64 ahead = t + KV_STAGES - 1;\n"
+    "            const int ahead_stage = stage == 0 ? KV_STAGES - 1 : stage - 1;\n"
+    "            if (ahead < work.tile_end) {\n"
+    "                key_values.load_keys(Layout::k_tile(shared, ahead_stage), ahead);\n"
+    "                key_values.load_values(Layout::v_tile(shared, ahead_stage), ahead);\n"
+    "            }\n"
+    "            cp_async_commit();\n"
+)
+
 PLANTED = {
     # One row past the end of the query tile: the last block reads a row past q.
     "query-tile-bound-off-by-one": (
@@ -307,11 +319,35 @@ PLANTED = {
         "cp_async_wait<KV_STAGES - 2>();",
         "cp_async_wait<KV_STAGES - 1>();",
     ),
+    # K[t + 1] copied before every warp is done with K[t]: overwrites keys still to be read.
+    "copy-before-barrier": (
+        "fwd.cu",
+        "__syncthreads();  // every warp is done with K[t]: it may be overwritten\n"
+        "            if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);",
+        "if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);\n"
+        "            __syncthreads();",
+    ),
+    # With a ring: the copy into tile t - 1's stage issued before every warp is done with it.
+    "ring-copy-before-barrier": (
+        "fwd.cu",
+        _RING_COPY,
+        _RING_COPY.replace("            __syncthreads();\n", "") + "            __syncthreads();\n",
+    ),
 }
 # The tile each planted bug runs with: the table's, or one with a ring of two K/V stages.
 PLANTED_TILES = {
     "ring-removed-syncthreads": Tile(64, 32, 4, 2),
     "ring-wait-one-group-short": Tile(64, 32, 4, 2),
+    "ring-copy-before-barrier": Tile(64, 32, 4, 2),
+}
+# A copy that overwrites what other warps have yet to read shows when copies land as they are
+# issued and each warp runs on to its barrier before the next one moves (the "warps" schedule);
+# these bugs run so, in place of the parametrized schedule. The rest run with copies landing
+# at their wait.
+OVERWRITE_ORDER = dict(schedule="warps", copies="at-issue")
+PLANTED_OPTIONS = {
+    "copy-before-barrier": OVERWRITE_ORDER,
+    "ring-copy-before-barrier": OVERWRITE_ORDER,
 }
 
 
@@ -326,20 +362,24 @@ def test_planted_bugs_are_caught(tmp_path, rng, monkeypatch, emulate_options, bu
     source = (copy / file).read_text()
     assert source.count(correct) == 1, "the planted bug no longer matches the kernel source"
     (copy / file).write_text(source.replace(correct, planted))
-    emulate_options(kernel_dir=copy, schedule=schedule, seed=7)
+    emulate_options(
+        kernel_dir=copy, **(dict(schedule=schedule, seed=7) | PLANTED_OPTIONS.get(bug, {}))
+    )
     if bug in PLANTED_TILES:
         tile = PLANTED_TILES[bug]
         monkeypatch.setattr(emulate, "plan_forward", functools.partial(plan_forward, tile=tile))
     q, k, v = qkv(rng, 1, 150, 150, 4, 2, 64, np.float16)
-    expected, _ = attention_oracle(q, k, v, causal=True)
     with pytest.raises((AssertionError, EmulationFault)):
-        out = cuattn.attention(q, k, v, causal=True, backend="emulate")
-        assert_close(out, expected, np.float16)
+        for causal in (True, False):
+            out = cuattn.attention(q, k, v, causal=causal, backend="emulate")
+            assert_close(out, attention_oracle(q, k, v, causal=causal)[0], np.float16)
 
 
-@pytest.mark.parametrize("schedule", ["reverse", "shuffled"])
-def test_the_real_kernel_passes_under_every_schedule(rng, emulate_options, schedule):
-    emulate_options(schedule=schedule, seed=11)
+@pytest.mark.parametrize(
+    "schedule, copies", [("reverse", "at-wait"), ("shuffled", "at-wait"), ("warps", "at-issue")]
+)
+def test_the_real_kernel_passes_under_every_schedule(rng, emulate_options, schedule, copies):
+    emulate_options(schedule=schedule, seed=11, copies=copies)
     for dtype in (np.float16, np.float32):
         q, k, v = qkv(rng, 1, 150, 150, 4, 2, 64, dtype)
         out = cuattn.attention(q, k, v, causal=True, backend="emulate")

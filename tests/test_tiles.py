@@ -22,21 +22,35 @@ CANDIDATES = [
     (head_dim, tile) for head_dim, tiles in PREFILL_TILES.items() for tile in tiles if tile
 ]
 DECODE_CANDIDATES = [tile for tile in DECODE_TILES if tile]
+# Emulated twice: with each cp.async copy landing at its wait, and as it is issued with each
+# warp running on to its barrier before the next moves (each shows a different kind of race
+# in a copy schedule: emulate.COPY_LANDINGS).
 BACKENDS = [
     pytest.param("emulate", marks=pytest.mark.emulate),
+    pytest.param("emulate-overwrites", marks=pytest.mark.emulate),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 
 
-def _plan_with(monkeypatch, backend, **overrides):
-    module = emulate if backend == "emulate" else cuda
-    monkeypatch.setattr(module, "plan_forward", functools.partial(plan_forward, **overrides))
+@pytest.fixture
+def plan_with(monkeypatch, emulate_options):
+    """Runs the candidate tile (and split target) on a backend: returns the backend's name."""
+
+    def plan(backend, **overrides):
+        if backend == "emulate-overwrites":
+            emulate_options(schedule="warps", copies="at-issue")
+            backend = "emulate"
+        module = emulate if backend == "emulate" else cuda
+        monkeypatch.setattr(module, "plan_forward", functools.partial(plan_forward, **overrides))
+        return backend
+
+    return plan
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("head_dim, tile", CANDIDATES, ids=[f"d{d}-{t}" for d, t in CANDIDATES])
-def test_every_candidate_tile_matches_the_oracle(rng, monkeypatch, backend, head_dim, tile):
-    _plan_with(monkeypatch, backend, tile=tile)
+def test_every_candidate_tile_matches_the_oracle(rng, plan_with, backend, head_dim, tile):
+    backend = plan_with(backend, tile=tile)
     # Lengths that divide no tile, GQA, and a causal window with sink tokens that hides whole
     # tiles; then the same shapes unmasked.
     q, k, v = qkv(rng, 2, 150, 333, 4, 2, head_dim, BFLOAT16)
@@ -49,10 +63,10 @@ def test_every_candidate_tile_matches_the_oracle(rng, monkeypatch, backend, head
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tile", DECODE_CANDIDATES, ids=str)
-def test_every_decoding_candidate_matches_the_oracle(rng, monkeypatch, backend, tile):
+def test_every_decoding_candidate_matches_the_oracle(rng, plan_with, backend, tile):
     # Split-KV over sequences of different lengths: splits of one tile and of several, splits
     # with none, and a sequence shorter than the copies a ring issues ahead of its first tile.
-    _plan_with(monkeypatch, backend, tile=tile, blocks_per_multiprocessor=16)
+    backend = plan_with(backend, tile=tile, blocks_per_multiprocessor=16)
     q, k_cache, v_cache = qkv(rng, 3, 1, 700, 8, 2, 128, BFLOAT16)
     lengths = np.array([700, 37, 300], np.int32)
     out = call(cuattn.attention_with_kvcache, backend, q, k_cache, v_cache, cache_seqlens=lengths)

@@ -8,10 +8,11 @@ every array copied into a buffer of exactly its size.
 
 Options, from the environment or ``configure()``:
   CUATTN_EMULATE_SANITIZE=1          run under AddressSanitizer
-  CUATTN_EMULATE_SCHEDULE=forward|reverse|shuffled   thread order between barriers
+  CUATTN_EMULATE_SCHEDULE=forward|reverse|shuffled|warps   thread order between barriers
   CUATTN_EMULATE_WORKERS=N           OS threads running blocks (default: one per core)
   CUATTN_EMULATE_TIME_LIMIT=seconds  a launch running longer fails (default 600)
   CUATTN_EMULATE_MULTIPROCESSORS=N   the GPU size launches are planned for (default 8)
+  CUATTN_EMULATE_COPIES=at-wait|at-issue   when cp.async copies write shared memory
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from ..kernel_params import append_params, attention_params, merge_params
 from ..kernels import AppendKernel, MergeKernel, dtype_name, kernel_dir, plan_forward
 from ..spec import AttentionSpec, Sequences
 
-SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
+# Thread orders between synchronization points (emu/runtime.h); "warps": each warp runs to
+# its next barrier before the next warp moves.
+SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2, "warps": 3}
+# When a cp.async copy lands (emu/runtime.h): at its wait, which shows reads of copies not
+# yet waited for, or at issue, which shows copies that overwrite what other warps still read.
+COPY_LANDINGS = {"at-wait": 0, "at-issue": 1}
 
 
 class EmulationFault(RuntimeError):
@@ -52,6 +58,17 @@ class EmulationOptions:
     kernel_dir: Path | None = None
     # The GPU size that launch planning assumes (split-KV depends on it).
     multiprocessors: int = 8
+    copies: str = "at-wait"
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule: expected one of {sorted(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.copies not in COPY_LANDINGS:
+            raise ValueError(
+                f"copies: expected one of {sorted(COPY_LANDINGS)}, got {self.copies!r}"
+            )
 
     @classmethod
     def from_environment(cls) -> EmulationOptions:
@@ -63,6 +80,7 @@ class EmulationOptions:
             time_limit=float(env.get("CUATTN_EMULATE_TIME_LIMIT", "600")),
             sanitize=env.get("CUATTN_EMULATE_SANITIZE", "") not in ("", "0"),
             multiprocessors=int(env.get("CUATTN_EMULATE_MULTIPROCESSORS", "8")),
+            copies=env.get("CUATTN_EMULATE_COPIES", "at-wait"),
             kernel_dir=Path(env["CUATTN_EMULATE_KERNEL_DIR"])
             if env.get("CUATTN_EMULATE_KERNEL_DIR")
             else None,
@@ -78,6 +96,7 @@ class _LaunchOptions(ctypes.Structure):
         ("workers", ctypes.c_int),
         ("time_limit_seconds", ctypes.c_double),
         ("stack_bytes", ctypes.c_size_t),
+        ("copy_landing", ctypes.c_int),
     ]
 
 
@@ -335,10 +354,6 @@ class EmulateBackend:
         """Change options (see the module docstring); returns the previous ones."""
         previous = self.options
         self.options = dataclasses.replace(previous, **changes)
-        if self.options.schedule not in SCHEDULES:
-            raise ValueError(
-                f"schedule: expected one of {sorted(SCHEDULES)}, got {self.options.schedule!r}"
-            )
         return previous
 
     def run_kernel(
@@ -365,6 +380,7 @@ class EmulateBackend:
             self.options.workers,
             self.options.time_limit,
             0,
+            COPY_LANDINGS[self.options.copies],
         )
         with self._lock:
             if path not in self._loaded:

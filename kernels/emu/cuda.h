@@ -97,7 +97,8 @@ void* dynamic_shared();
 unsigned dynamic_shared_size();
 
 // cp.async: the global read happens now (so the sanitizer checks it now), the shared
-// write only when a wait retires its group, so a missing wait reads stale shared memory.
+// write when a wait retires its group, so that a missing wait reads stale shared memory; or,
+// launched with copies landing at issue (runtime.h), at once.
 void cp_async(void* shared_destination, const void* global_source, int copy_bytes, int source_bytes,
               Site site);
 void cp_async_commit();

@@ -30,6 +30,8 @@ struct Thread {
     bool finished = false;
     const char* waiting_for = nullptr;  // what it waits at, for fault reports
     Site waiting_site{nullptr, 0};
+    bool at_barrier = false;       // waiting at __syncthreads ...
+    unsigned barrier_generation = 0;  // ... for the release of this generation of it
     std::vector<PendingCopy> open_copies;             // cp.async issued, not yet committed
     std::deque<std::vector<PendingCopy>> copy_groups;  // committed, oldest first
 };
@@ -144,6 +146,19 @@ Thread* next_live(const Block& block, const Thread* self) {
     return nullptr;
 }
 
+// Under kWarpAtATime: the next lane of self's warp that can run before the barrier in
+// progress (if any) releases, that is one neither waiting at that barrier nor exited; null
+// when there is none, and the turn passes on in block order.
+Thread* next_lane(const Block& block, const Thread* self) {
+    const unsigned first = self->state.warp * 32, size = block.warps[self->state.warp].size;
+    for (unsigned step = 1; step < size; ++step) {
+        Thread* candidate = const_cast<Thread*>(&block.threads[first + (self->state.lane + step) % size]);
+        const bool held = candidate->at_barrier && candidate->barrier_generation == block.barrier_generation;
+        if (!candidate->finished && !held) return candidate;
+    }
+    return nullptr;
+}
+
 void progress(Block& block) { block.idle_turns = 0; }
 
 // Gives other threads turns until ready() holds; each turn taken while waiting counts
@@ -166,7 +181,8 @@ void wait_until(const char* what, Site site, Ready ready) {
                       block_name(block).c_str(), waiting_report(block).c_str());
             }
         }
-        Thread* next = next_live(block, self);
+        Thread* next = block.launch->options.schedule == kWarpAtATime ? next_lane(block, self) : nullptr;
+        if (next == nullptr) next = next_live(block, self);
         if (next != self) switch_to(self, next);
     }
     self->waiting_for = nullptr;
@@ -315,7 +331,11 @@ void syncthreads(Site site) {
         release_barrier(block);
         return;
     }
+    Thread* self = current_thread;
+    self->at_barrier = true;
+    self->barrier_generation = generation;
     wait_until("__syncthreads", site, [&] { return block.barrier_generation != generation; });
+    self->at_barrier = false;
 }
 
 const unsigned char* warp_all(const void* mine, std::size_t bytes, unsigned mask, const char* what,
@@ -368,6 +388,10 @@ void cp_async(void* destination, const void* source, int copy_bytes, int source_
     }
     PendingCopy copy{destination, copy_bytes, {}};
     if (source_bytes > 0) std::memcpy(copy.data, source, source_bytes);  // the rest stays zero
+    if (current_block->launch->options.copy_landing == kAtIssue) {
+        std::memcpy(destination, copy.data, copy_bytes);
+        return;
+    }
     current_thread->open_copies.push_back(copy);
 }
 

@@ -14,10 +14,10 @@ enum Schedule : int {
     kForward = 0,   // thread 0, 1, 2, ...
     kReverse = 1,   // the last thread first
     kShuffled = 2,  // a fixed random permutation per block, from `seed`
-    // Thread 0, 1, 2, ..., but a warp waiting at a warp collective hands the turn to its own
-    // lanes, so that each warp runs on to its next __syncthreads before the next warp moves:
-    // the order in which a copy that overwrites what later warps still read shows (with
-    // copies landing at issue).
+    // Thread 0, 1, 2, ..., but a thread that waits hands the turn first to the lanes of its
+    // own warp that have yet to reach the barrier, so that each warp runs on to its next
+    // __syncthreads before the next warp moves: the order in which a copy that overwrites what
+    // later warps still read shows (with copies landing at issue).
     kWarpAtATime = 3,
 };
 

@@ -207,3 +207,13 @@ def append_params(
     p["batch"], p["new_tokens"], p["heads"], p["head_dim"] = k_new.shape
     p["capacity"], p["filled"] = k_cache.shape[1], filled
     return params
+
+
+def append_lengths(cache_seqlens: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """How the append kernel is told the cache lengths: ``(None, n)`` when every sequence
+    holds n tokens (nothing to upload), else the int32 lengths to place where the kernel
+    runs, with ``filled`` unused (0)."""
+    filled = int(cache_seqlens[0])
+    if (cache_seqlens == filled).all():
+        return None, filled
+    return np.ascontiguousarray(cache_seqlens, np.int32), 0

@@ -10,6 +10,13 @@
 
 namespace cuattn {
 
+// A compile-time bool as a type (NVRTC has no <type_traits>): picks an instantiation of a
+// generic lambda.
+template <bool VALUE>
+struct Constant {
+    static constexpr bool value = VALUE;
+};
+
 template <class Element, int ROWS, int COLS>
 struct SharedTile {
     static constexpr int kChunk = 16 / int(sizeof(Element));  // elements per 16 bytes
@@ -72,26 +79,24 @@ __device__ __forceinline__ void load_tile(SharedTile<Element, ROWS, COLS> tile, 
             Element* destination = tile.row(first) + c;
             const Element* source = global + rows(first) + c;
             const int64 source_step = rows(kRowStep) - rows(0);
-            constexpr int kPasses = (ROWS + kRowStep - 1) / kRowStep;
             // Nearly every tile is whole, with no padded columns: its copies need no test of
-            // the row or the column (a compare and two selects each). The same in every thread.
+            // the row or the column (a compare and two selects each). So the copy loop is
+            // compiled twice, with the tests and without; the block takes one or the other.
             const bool whole = valid_rows >= ROWS && head_dim == COLS;
-            if (whole) {
+            auto copy_column = [&](auto tested) {
 #pragma unroll
-                for (int i = 0; i < kPasses; ++i) {
-                    if (ROWS % kRowStep != 0 && first + i * kRowStep >= ROWS) break;
-                    cp_async_16(destination + i * kRowStep * Tile::kStride, source, true);
+                for (int i = 0; i < (ROWS + kRowStep - 1) / kRowStep; ++i) {
+                    const int r = first + i * kRowStep;
+                    if (ROWS % kRowStep != 0 && r >= ROWS) break;
+                    const bool valid = !decltype(tested)::value || (column_valid && r < valid_rows);
+                    cp_async_16(destination + i * kRowStep * Tile::kStride, valid ? source : global, valid);
                     source += source_step;
                 }
-                return;
-            }
-#pragma unroll
-            for (int i = 0; i < kPasses; ++i) {
-                const int r = first + i * kRowStep;
-                if (ROWS % kRowStep != 0 && r >= ROWS) break;
-                const bool valid = column_valid && r < valid_rows;
-                cp_async_16(destination + i * kRowStep * Tile::kStride, valid ? source : global, valid);
-                source += source_step;
+            };
+            if (whole) {
+                copy_column(Constant<false>{});
+            } else {
+                copy_column(Constant<true>{});
             }
         } else {  // packed query rows: once per block
             for (int chunk = int(threadIdx.x); chunk < kChunks; chunk += THREADS) {

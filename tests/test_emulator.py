@@ -285,8 +285,8 @@ PLANTED = {
     # One row past the end of every key tile: the last tile of K and V reads past the array.
     "tile-bound-off-by-one": (
         "tile.cuh",
-        "const bool valid = column_valid && r < valid_rows;",
-        "const bool valid = column_valid && r <= valid_rows;",
+        "(column_valid && r < valid_rows);",
+        "(column_valid && r <= valid_rows);",
     ),
     # Partial key tiles copied as whole ones: the last tile of K and V reads past the array.
     "whole-tile-test": (

@@ -19,7 +19,7 @@ from .. import nvrtc
 from ..cache import cached_file, digest
 from ..dlpack import RawArray
 from ..interop import cupy_stream
-from ..kernel_params import append_params, attention_params, merge_params
+from ..kernel_params import append_lengths, append_params, attention_params, merge_params
 from ..kernels import (
     AppendKernel,
     CombineKernel,
@@ -225,11 +225,11 @@ class CudaBackend:
             return
         kernel = AppendKernel(dtype_name(k_cache.dtype))
         with cupy.cuda.Device(k_cache.device.index), cupy_stream(stream):
-            lengths, filled = None, int(cache_seqlens[0])
-            if (cache_seqlens != filled).any():
+            lengths, (host_lengths, filled) = None, append_lengths(cache_seqlens)
+            if host_lengths is not None:
                 # Staged through pinned memory on the current stream, like the forward
                 # call's lengths; freed to CuPy's pool in stream order.
-                on_device = cupy.asarray(np.ascontiguousarray(cache_seqlens, np.int32))
+                on_device = cupy.asarray(host_lengths)
                 lengths = RawArray(
                     on_device.data.ptr,
                     (batch,),

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..cache import cached_file, digest
 from ..dlpack import RawArray, from_numpy
-from ..kernel_params import append_params, attention_params, merge_params
+from ..kernel_params import append_lengths, append_params, attention_params, merge_params
 from ..kernels import AppendKernel, MergeKernel, dtype_name, kernel_dir, plan_forward
 from ..spec import AttentionSpec, Sequences
 
@@ -491,11 +491,9 @@ class EmulateBackend:
             return
         kernel = AppendKernel(dtype_name(k_cache.dtype))
         arrays = {"k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new}
-        lengths, filled = None, int(cache_seqlens[0])
-        if (cache_seqlens != filled).any():
-            lengths = arrays["cache_seqlens"] = from_numpy(
-                np.ascontiguousarray(cache_seqlens, np.int32)
-            )
+        lengths, (host_lengths, filled) = None, append_lengths(cache_seqlens)
+        if host_lengths is not None:
+            lengths = arrays["cache_seqlens"] = from_numpy(host_lengths)
         self.run_kernel(
             (kernel.source,),
             (LibraryKernel(kernel.name, kernel.expression, kernel.params_type),),

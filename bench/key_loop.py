@@ -51,17 +51,19 @@ CASES = (
 
 # The run-time conditions fixed for the count, as (file, pattern, replacement): operands on
 # 16-byte boundaries (cp.async copies), no tile cut by the mask or the sequence's end (so every
-# copy is of a whole tile), and no row whose maximum moves (softmax.cuh: the output is
-# rescaled only then, rarely after a row's first tiles; the warp's vote on it drops out with
-# the branch, one instruction). Each pattern must be found.
+# copy is of a whole tile), no row whose maximum moves (softmax.cuh: the output is rescaled
+# only then, expected to be rare after a row's first tiles; the warp's vote on it drops out
+# with the branch, one instruction), and a positive score scale (a negative one is applied
+# before the softmax, as in cut tiles, fwd.cu). Each pattern must be found.
 _FULL_TILE_EDITS = (
     ("fwd.cu", "p.vector_loads != 0", "true"),
     ("fwd.cu", "params.vector_loads != 0", "true"),
     ("fwd.cu", "keys < BLOCK_N ||", "false ||"),
+    ("fwd.cu", "if (SOFTCAP || cut || scale < 0.0f)", "if (SOFTCAP || cut)"),
     (
         "fwd.cu",
-        "if (softmax.move_maxima(scores, rescale))",
-        "if (softmax.move_maxima(scores, rescale) && false)",
+        "if (softmax.move_maxima(scores, scale, rescale))",
+        "if (softmax.move_maxima(scores, scale, rescale) && false)",
     ),
     (
         "tile.cuh",

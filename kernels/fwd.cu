@@ -13,8 +13,9 @@
 
 namespace cuattn {
 
-// Scores of one tile as the softmax sees them: `dot` scaled into base 2, soft-capped if
-// asked (Gemma 2: softcap * tanh(s / softcap), in natural units, before any mask).
+// A score as the softmax sees it: `dot` scaled into base 2, soft-capped if asked (Gemma 2:
+// softcap * tanh(s / softcap), in natural units, before any mask). Only tiles the mask cuts,
+// and soft-capped ones, are scaled here; the softmax scales the others in its exponent.
 template <bool SOFTCAP>
 __device__ __forceinline__ float base2_score(float dot, const AttentionParams& p) {
     const float s = dot * p.score_scale;
@@ -324,13 +325,20 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             cp_async_commit();
         }
 
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-#pragma unroll
-            for (int c = 0; c < Layout::kKeyColumns; ++c) scores[r][c] = base2_score<SOFTCAP>(scores[r][c], params);
         // One branch for the tile, taken by the whole block: tested per score, it split the
         // softmax into a basic block per score, which ptxas cannot schedule across.
-        if (keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys))) {
+        const bool cut = keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys));
+        // Whole tiles leave the scale to the softmax's exponent, unless it is negative (the
+        // contract allows any finite scale; the softmax takes none below 0).
+        float scale = params.score_scale;
+        if (SOFTCAP || cut || scale < 0.0f) {
+            scale = 1.0f;
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+#pragma unroll
+                for (int c = 0; c < Layout::kKeyColumns; ++c) scores[r][c] = base2_score<SOFTCAP>(scores[r][c], params);
+        }
+        if (cut) {
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 // The token this row stands for (packed rows share tokens), found again in
@@ -344,13 +352,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             }
         }
         float rescale[kRows];
-        if (softmax.move_maxima(scores, rescale)) {  // warp-uniform; expected rare after the first tiles
+        if (softmax.move_maxima(scores, scale, rescale)) {  // warp-uniform; expected rare after the first tiles
 #pragma unroll
             for (int r = 0; r < kRows; ++r)
 #pragma unroll
                 for (int c = 0; c < Layout::kDimColumns; ++c) out[r][c] *= rescale[r];
         }
-        softmax.exponentiate(scores);
+        softmax.exponentiate(scores, scale);
 
         if constexpr (KV_STAGES == 1) {
             cp_async_wait<1>();  // V[t] has landed; K[t + 1] may still be in flight
@@ -469,9 +477,14 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
         if (t + 1 < work.tile_end) key_values.load_keys(k_tile, t + 1);
         cp_async_commit();
 
+        const bool cut = keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys));
+        float scale = params.score_scale;  // as in flash_forward
+        if (SOFTCAP || cut || scale < 0.0f) {
+            scale = 1.0f;
 #pragma unroll
-        for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] = base2_score<SOFTCAP>(scores[0][j], params);
-        if (keys < BLOCK_N || (WINDOWED && !mask.sees_all(first_token, last_token, key_begin, key_begin + keys))) {
+            for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] = base2_score<SOFTCAP>(scores[0][j], params);
+        }
+        if (cut) {
 #pragma unroll
             for (int j = 0; j < kKeysPerLane; ++j) {
                 const int key = quad + 4 * j;
@@ -479,11 +492,11 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
             }
         }
         float rescale[1];
-        if (softmax.move_maxima(scores, rescale)) {
+        if (softmax.move_maxima(scores, scale, rescale)) {
 #pragma unroll
             for (int j = 0; j < kDimsPerLane; ++j) out[0][j] *= rescale[0];
         }
-        softmax.exponentiate(scores);
+        softmax.exponentiate(scores, scale);
 
         cp_async_wait<1>();
         __syncthreads();

@@ -1,7 +1,9 @@
 // Online softmax: the running (max, sum) of a row, updated one tile of scores at a time.
 //
-// Scores arrive in base 2 (log2(e) is folded into the score scale), so every exponential
-// is a base-2 one (exp2_ftz, numeric.cuh). Each row is spread over
+// Scores are base 2 (log2(e) is folded into the score scale), so every exponential is a
+// base-2 one (exp2_ftz, numeric.cuh). They may arrive unscaled, as the dot products with a
+// `scale` still to apply: the exponent is then one multiply-add per score, dot * scale -
+// reference, where scaling first costs a multiply more. Each row is spread over
 // the 4 lanes of a quad (the mma accumulator layout, and the SIMT kernel's too): the
 // maximum is reduced across the quad at every tile, because all four lanes must rescale by
 // the same factor; the sum stays a per-lane partial until finish_row(), since rescaling
@@ -49,19 +51,22 @@ struct OnlineSoftmax {
 
     // A tile's first step: moves the reference of each row whose tile maximum (masked
     // scores -inf) passes it by more than the slack, and rescales the row's sum to match.
-    // Returns whether any row of the warp moved; if so, each row's accumulated output must be
-    // multiplied by rescale[r] (1 for rows that did not move). The result is the same in
-    // every lane of the warp, so the caller's multiply is a branch the warp takes or skips
-    // as one, before the scores' exponentials (fewer values live across it).
+    // The tile's scores are `scale` times `scores`: 1 if they come scaled, and never below
+    // 0, or the largest score would be the smallest entry's. Returns whether
+    // any row of the warp moved; if so, each row's accumulated output must be multiplied by
+    // rescale[r] (1 for rows that did not move). The result is the same in every lane of the
+    // warp, so the caller's multiply is a branch the warp takes or skips as one, before the
+    // scores' exponentials (fewer values live across it).
     template <int COLS>
-    __device__ __forceinline__ bool move_maxima(const float (&scores)[ROWS][COLS], float (&rescale)[ROWS]) {
+    __device__ __forceinline__ bool move_maxima(const float (&scores)[ROWS][COLS], float scale,
+                                                float (&rescale)[ROWS]) {
         bool moved = false;
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            float tile_max = scores[r][0];
+            float largest = scores[r][0];
 #pragma unroll
-            for (int c = 1; c < COLS; ++c) tile_max = fmaxf(tile_max, scores[r][c]);
-            tile_max = quad_max(tile_max);
+            for (int c = 1; c < COLS; ++c) largest = fmaxf(largest, scores[r][c]);
+            const float tile_max = quad_max(largest * scale);
             rescale[r] = 1.0f;
             // -inf + slack is -inf: a row's first visible key always moves it, and the
             // factor exp2(-inf) = 0 clears what it accumulated before (nothing).
@@ -75,10 +80,10 @@ struct OnlineSoftmax {
         return __any_sync(kFullWarp, moved);
     }
 
-    // The second step: turns the scores into probabilities against each row's reference,
-    // in place, and adds them to the row's sum.
+    // The second step: turns the scores (`scale` times `scores`, as in move_maxima) into
+    // probabilities against each row's reference, in place, and adds them to the row's sum.
     template <int COLS>
-    __device__ __forceinline__ void exponentiate(float (&scores)[ROWS][COLS]) {
+    __device__ __forceinline__ void exponentiate(float (&scores)[ROWS][COLS], float scale) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             // While a row has seen only masked keys its maximum is -inf; exponentiating
@@ -86,7 +91,7 @@ struct OnlineSoftmax {
             const float reference = row_max[r] == negative_infinity() ? 0.0f : row_max[r];
 #pragma unroll
             for (int c = 0; c < COLS; ++c) {
-                scores[r][c] = exp2_ftz(scores[r][c] - reference);
+                scores[r][c] = exp2_ftz(fmaf(scores[r][c], scale, -reference));
                 row_sum[r] += scores[r][c];
             }
         }

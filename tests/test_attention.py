@@ -42,6 +42,10 @@ CASES = [
     ("softcap", 1, 97, 300, 2, 2, 64, dict(softcap=5.0, scale=0.3)),
     ("softcap-causal", 1, 300, 300, 2, 1, 64, dict(softcap=30.0, causal=True)),
     ("scale", 1, 33, 77, 2, 2, 64, dict(scale=0.05)),
+    # Any finite scale is allowed (see also test_negative_scale_with_outlying_keys), and at
+    # zero every visible key weighs the same.
+    ("negative-scale", 1, 97, 300, 2, 1, 64, dict(scale=-0.125, causal=True)),
+    ("zero-scale", 1, 70, 200, 2, 2, 32, dict(scale=0.0, window=(90, 10))),
     ("fully-masked-rows", 1, 600, 40, 2, 2, 64, dict(causal=True, window=(5, 0))),
 ]
 
@@ -82,6 +86,29 @@ def test_scores_rising_along_the_keys(rng, backend, dtype, causal):
     k = (k.astype(np.float32) * growth).astype(dtype)
     out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True, causal=causal)
     expected_out, expected_lse = attention_oracle(q, k, v, causal=causal)
+    assert_close(out, expected_out, dtype)
+    assert_close(lse, expected_lse, dtype, what="lse")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_negative_scale_with_outlying_keys(rng, backend, dtype):
+    # Below zero the largest score is the smallest dot's. Half the keys here, at random, have
+    # a dot of at least 1000 with every query, a score under -180 in base 2 at scale -0.125:
+    # they weigh nothing, but a kernel that took the largest dot for the row's maximum would
+    # exponentiate the other scores against it, to 2^180 and more, which overflows float32.
+    # (A lane holds a few keys of each tile; at random, nearly every lane holds such a key.)
+    q, k, v = qkv(rng, 1, 97, 300, 2, 1, 64, dtype)
+    q = q.astype(np.float32)
+    q[..., 0] = np.abs(q[..., 0]) + 1.0
+    q = q.astype(dtype)
+    k = k.astype(np.float32)
+    outlying = rng.random(k.shape[1]) < 0.5
+    k[:, outlying] = 0.0
+    k[:, outlying, :, 0] = 1000.0
+    k = k.astype(dtype)
+    out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True, scale=-0.125, causal=True)
+    expected_out, expected_lse = attention_oracle(q, k, v, scale=-0.125, causal=True)
     assert_close(out, expected_out, dtype)
     assert_close(lse, expected_lse, dtype, what="lse")
 

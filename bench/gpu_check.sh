@@ -78,7 +78,14 @@ for name in $STEPS; do
         step "$name" 150 compute-sanitizer --tool "$name" --error-exitcode 1 \
             python3 -m pytest -q -p no:cacheprovider -m gpu $timeouts $sanitized -k "$selection"
         ;;
-    prefill | decode | memory | tiles)
+    prefill)
+        # After a sweep in the same run, its fastest tile per head dim is timed beside the
+        # table's (bench/prefill.py).
+        sweep=$(ls "$WORK"/tiles-*.json 2>/dev/null | head -n 1)
+        step prefill 240 python3 -m cuattn bench prefill ${QUICK:+--quick} \
+            ${sweep:+--tiles-from "$sweep"} --out "$WORK"
+        ;;
+    decode | memory | tiles)
         step "$name" 240 python3 -m cuattn bench "$name" ${QUICK:+--quick} --out "$WORK"
         ;;
     *) echo "unknown step $name" && status=1 ;;

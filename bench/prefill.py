@@ -6,20 +6,31 @@ naive CuPy attention (matmul, mask, softmax, matmul as separate kernels), in one
 halved for causal (FlashAttention's convention). Issue 4's target: at least 1.0x the flash
 backend of SDPA (FlashAttention-2) on every row.
 
-    python -m cuattn bench prefill [--quick] [--out DIR]
+With ``--tiles-from`` a tile sweep's results (``bench tiles``), cuattn is timed a second
+time per head dim, as "cuattn <tile>", with the tile that ran that head dim's prefill cases
+fastest in the sweep, where that is not the table's: one run then shows the table, the
+candidate to replace it and the peers side by side. The unfused peers (SDPA math, naive
+CuPy) are timed up to S=4096: beyond it they take most of the run and tell nothing new.
+
+    python -m cuattn bench prefill [--quick] [--tiles-from SWEEP.json] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import sys
+from pathlib import Path
 
 from .report import progress, publish, table
 from .timing import attention_flops
 
 TOKENS = 16384
 MODEL_DIM = 2048
+UNFUSED = ("SDPA math", "naive CuPy")
+UNFUSED_MAX_SEQLEN = 4096
 
 
 def _sdpa(torch, backend_name):
@@ -52,14 +63,53 @@ def _naive_cupy(q, k, v, causal):
     return cupy.matmul(weights, v).transpose(0, 2, 1, 3)
 
 
-def peers(torch):
+def _cuattn_with_tile(tile):
+    """cuattn.attention with the forward kernel's tile chosen by hand (plan_forward's tuning
+    argument), for this call only."""
+    import cuattn
+    from cuattn import kernels
+    from cuattn.backends import cuda
+
+    planned = functools.partial(kernels.plan_forward, tile=tile)
+
+    def run(q, k, v, causal):
+        original = cuda.plan_forward
+        cuda.plan_forward = planned
+        try:
+            return cuattn.attention(q, k, v, causal=causal)
+        finally:
+            cuda.plan_forward = original
+
+    return run
+
+
+def peers(torch, candidate_tile=None):
+    """The peers of one row, cuattn first (the others' speed-up is against it); with
+    ``candidate_tile``, cuattn once more with that tile."""
     import cuattn
 
     found = {"cuattn": lambda q, k, v, causal: cuattn.attention(q, k, v, causal=causal)}
+    if candidate_tile is not None:
+        found[f"cuattn {candidate_tile}"] = _cuattn_with_tile(candidate_tile)
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
         found[f"SDPA {name.split('_')[0].lower()}"] = _sdpa(torch, name)
     found["naive CuPy"] = _naive_cupy
     return found
+
+
+def candidate_tiles(sweep_path) -> dict:
+    """Per head dim, the sweep's fastest prefill tile (a cuattn.kernels.Tile) where it is not
+    the table's."""
+    from cuattn.kernels import Tile
+
+    from .tiles import fastest_prefill_tiles
+
+    rows = json.loads(Path(sweep_path).read_text())["rows"]
+    return {
+        head_dim: Tile.parse(tile)
+        for head_dim, tile in fastest_prefill_tiles(rows).items()
+        if tile != "default"
+    }
 
 
 def main(argv=None) -> int:
@@ -67,9 +117,16 @@ def main(argv=None) -> int:
         prog="cuattn bench prefill", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and runs")
+    parser.add_argument(
+        "--tiles-from", help="a tile sweep's JSON: also time its fastest tile per head dim"
+    )
     parser.add_argument("--out", help="directory for the results (default bench/results)")
     args = parser.parse_args(argv)
     import torch
+
+    candidates = candidate_tiles(args.tiles_from) if args.tiles_from else {}
+    for head_dim, tile in candidates.items():
+        print(f"  the sweep's fastest tile at D={head_dim}: {tile}")
 
     from .timing_cuda import device_description, time_cuda
 
@@ -94,7 +151,9 @@ def main(argv=None) -> int:
                     flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal)
                     reference = None
                     times = {}
-                    for name, peer in peers(torch).items():
+                    for name, peer in peers(torch, candidates.get(head_dim)).items():
+                        if name in UNFUSED and seqlen > UNFUSED_MAX_SEQLEN:
+                            continue
                         try:
                             out = peer(*inputs[0], causal)
                             out = (

@@ -26,8 +26,8 @@ from .timing import attention_flops
 # candidate. Tiles that give each warp 32 query rows, two m16 tiles sharing every K and V
 # fragment read from shared memory, as FlashAttention-2 does (the table's give each warp 16;
 # sweep 51487b8 timed 128x32x4 before the kernel's loops shared those fragments:
-# bench/NOTES.md); at head dim 128 they spill for sm_80, and 128x64x4s2 for sm_90 too (40
-# bytes; key-loop-sm_*-2026-11-27 in bench/results). And tiles with a ring of K/V stages
+# bench/NOTES.md); at head dim 128 they spill for sm_80, not for sm_90
+# (key-loop-sm_*-2026-11-27 in bench/results). And tiles with a ring of K/V stages
 # ("s2": two), which copy a whole tile ahead with one barrier a tile instead of four.
 PREFILL_TILES = {
     64: (
@@ -83,6 +83,33 @@ def _decode_cases(torch, quick):
             head_dim=DECODE_DIM,
             causal=False,
         )
+
+
+def fastest_prefill_tiles(rows: list[dict]) -> dict[int, str]:
+    """Per head dim, the tile that ran a sweep's prefill cases fastest: the highest geometric
+    mean, over that head dim's cases, of its speed against the table's tile ("default", which
+    is the answer where nothing beat it). ``rows`` as this benchmark writes them."""
+    import math
+
+    speeds: dict[int, dict[str, list[float]]] = {}
+    default_us = {
+        row["case"]: row["us"]
+        for row in rows
+        if row["kind"] == "prefill" and row["tile"] == "default"
+    }
+    for row in rows:
+        if row["kind"] != "prefill" or row["case"] not in default_us:
+            continue
+        by_tile = speeds.setdefault(row["head_dim"], {})
+        by_tile.setdefault(row["tile"], []).append(default_us[row["case"]] / row["us"])
+    fastest = {}
+    for head_dim, by_tile in speeds.items():
+        cases = max(len(ratios) for ratios in by_tile.values())
+        complete = {tile: r for tile, r in by_tile.items() if len(r) == cases}
+        fastest[head_dim] = max(
+            complete, key=lambda tile: math.fsum(math.log(x) for x in complete[tile])
+        )
+    return fastest
 
 
 def _inputs(torch, case):
@@ -182,6 +209,8 @@ def main(argv=None) -> int:
                     rate = f"{moved / timing.median / 1e9:.0f} GB/s"
                 rows.append(
                     dict(
+                        kind=case["kind"],
+                        head_dim=case["head_dim"],
                         case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
                         f"Hkv={case['heads_kv']} D={case['head_dim']}"
                         + (" causal" if case["causal"] else ""),

@@ -10,6 +10,7 @@ if launched with less shared memory than their tiles need.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +39,17 @@ class Tile(NamedTuple):
     def __str__(self) -> str:
         stages = f"s{self.kv_stages}" if self.kv_stages > 1 else ""
         return f"{self.block_m}x{self.block_n}x{self.warps}{stages}"
+
+    @classmethod
+    def parse(cls, text: str) -> Tile:
+        """The tile ``str(tile)`` wrote: "128x64x8", or "128x64x8s2" with two K/V stages."""
+        found = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:s(\d+))?", text)
+        if found is None:
+            raise ValueError(
+                f"tile: expected block_m x block_n x warps, optionally s<stages> "
+                f"(like 128x64x8s2), got {text!r}"
+            )
+        return cls(*(int(part) for part in found.groups() if part is not None))
 
 
 # The tile per (tensor cores?, head dim). Chosen so that every instantiation compiles for

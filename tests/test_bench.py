@@ -79,3 +79,55 @@ def test_publish_writes_the_json_and_a_headed_markdown_file(tmp_path, capsys):
     markdown = path.with_suffix(".md").read_text()
     assert markdown.startswith("# Tiles, Some GPU, driver 13.0, ") and "commit " in markdown
     assert "| a |" in markdown and "| a |" in capsys.readouterr().out
+
+
+def _sweep_row(head_dim, case, tile, us, kind="prefill"):
+    return dict(kind=kind, head_dim=head_dim, case=f"{kind} {case} D={head_dim}", tile=tile, us=us)
+
+
+def test_the_sweeps_fastest_tile_is_the_best_over_all_of_a_head_dims_cases():
+    from bench.tiles import fastest_prefill_tiles
+
+    rows = [
+        # D=64: 128x32x4 wins one case by far but loses the other; 128x64x4 wins both a little.
+        _sweep_row(64, "a", "default", 100.0),
+        _sweep_row(64, "a", "128x32x4", 50.0),
+        _sweep_row(64, "a", "128x64x4", 90.0),
+        _sweep_row(64, "b", "default", 100.0),
+        _sweep_row(64, "b", "128x32x4", 300.0),
+        _sweep_row(64, "b", "128x64x4", 90.0),
+        # D=128: nothing beats the table; a faster tile that missed a case does not count.
+        _sweep_row(128, "a", "default", 100.0),
+        _sweep_row(128, "a", "128x64x4s2", 110.0),
+        _sweep_row(128, "b", "default", 100.0),
+        _sweep_row(128, "b", "128x64x4s2", 120.0),
+        _sweep_row(128, "a", "128x32x4", 10.0),
+        # Decoding rows are not prefill's business.
+        _sweep_row(128, "c", "default", 100.0, kind="decode"),
+        _sweep_row(128, "c", "32x64x2s2", 1.0, kind="decode"),
+    ]
+    assert fastest_prefill_tiles(rows) == {64: "128x64x4", 128: "default"}
+
+
+def test_prefill_times_the_sweeps_fastest_tile_where_it_is_not_the_tables(tmp_path):
+    from bench.prefill import candidate_tiles
+    from cuattn.kernels import Tile
+
+    sweep = tmp_path / "tiles.json"
+    rows = [
+        _sweep_row(64, "a", "default", 100.0),
+        _sweep_row(64, "a", "128x64x4s2", 80.0),
+        _sweep_row(128, "a", "default", 100.0),
+        _sweep_row(128, "a", "128x32x4", 130.0),
+    ]
+    sweep.write_text(json.dumps(dict(environment={}, rows=rows)))
+    assert candidate_tiles(sweep) == {64: Tile(128, 64, 4, 2)}
+
+
+def test_tiles_are_written_and_read_back():
+    from cuattn.kernels import Tile
+
+    for tile in (Tile(128, 64, 8), Tile(32, 64, 2, 3)):
+        assert Tile.parse(str(tile)) == tile
+    with pytest.raises(ValueError, match="tile: expected"):
+        Tile.parse("128x64")

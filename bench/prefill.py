@@ -99,17 +99,20 @@ def peers(torch, candidate_tile=None):
 
 def candidate_tiles(sweep_path) -> dict:
     """Per head dim, the sweep's fastest prefill tile (a cuattn.kernels.Tile) where it is not
-    the table's."""
-    from cuattn.kernels import Tile
+    the table's (as the sweep ran it, "default", or as the table stands now)."""
+    from cuattn.kernels import ForwardKernel, Tile
 
     from .tiles import fastest_prefill_tiles
 
     rows = json.loads(Path(sweep_path).read_text())["rows"]
-    return {
-        head_dim: Tile.parse(tile)
-        for head_dim, tile in fastest_prefill_tiles(rows).items()
-        if tile != "default"
-    }
+    candidates = {}
+    for head_dim, tile in fastest_prefill_tiles(rows).items():
+        if tile == "default":
+            continue
+        tile = Tile.parse(tile)
+        if tile != ForwardKernel("bfloat16", head_dim, False, False).tile:
+            candidates[head_dim] = tile
+    return candidates
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 
 from cuattn.kernels import Tile
@@ -85,22 +86,28 @@ def _decode_cases(torch, quick):
         )
 
 
+# Rows of sweeps before 3c2ad1a name their kind and head dim only in the case's text.
+def _case_kind(row: dict) -> str:
+    return row.get("kind") or row["case"].split()[0]
+
+
+def _case_head_dim(row: dict) -> int:
+    return row.get("head_dim") or int(re.search(r"\bD=(\d+)", row["case"]).group(1))
+
+
 def fastest_prefill_tiles(rows: list[dict]) -> dict[int, str]:
     """Per head dim, the tile that ran a sweep's prefill cases fastest: the highest geometric
     mean, over that head dim's cases, of its speed against the table's tile ("default", which
     is the answer where nothing beat it). ``rows`` as this benchmark writes them."""
     import math
 
+    prefill = [row for row in rows if _case_kind(row) == "prefill"]
+    default_us = {row["case"]: row["us"] for row in prefill if row["tile"] == "default"}
     speeds: dict[int, dict[str, list[float]]] = {}
-    default_us = {
-        row["case"]: row["us"]
-        for row in rows
-        if row["kind"] == "prefill" and row["tile"] == "default"
-    }
-    for row in rows:
-        if row["kind"] != "prefill" or row["case"] not in default_us:
+    for row in prefill:
+        if row["case"] not in default_us:
             continue
-        by_tile = speeds.setdefault(row["head_dim"], {})
+        by_tile = speeds.setdefault(_case_head_dim(row), {})
         by_tile.setdefault(row["tile"], []).append(default_us[row["case"]] / row["us"])
     fastest = {}
     for head_dim, by_tile in speeds.items():

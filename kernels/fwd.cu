@@ -15,7 +15,8 @@ namespace cuattn {
 
 // A score as the softmax sees it: `dot` scaled into base 2, soft-capped if asked (Gemma 2:
 // softcap * tanh(s / softcap), in natural units, before any mask). Only tiles the mask cuts,
-// and soft-capped ones, are scaled here; the softmax scales the others in its exponent.
+// soft-capped ones and every tile of a negative scale are scaled here; the softmax scales
+// the others in its exponent.
 template <bool SOFTCAP>
 __device__ __forceinline__ float base2_score(float dot, const AttentionParams& p) {
     const float s = dot * p.score_scale;

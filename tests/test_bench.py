@@ -111,7 +111,7 @@ def test_the_sweeps_fastest_tile_is_the_best_over_all_of_a_head_dims_cases():
 
 def test_prefill_times_the_sweeps_fastest_tile_where_it_is_not_the_tables(tmp_path):
     from bench.prefill import candidate_tiles
-    from cuattn.kernels import Tile
+    from cuattn.kernels import ForwardKernel, Tile
 
     sweep = tmp_path / "tiles.json"
     rows = [
@@ -122,6 +122,16 @@ def test_prefill_times_the_sweeps_fastest_tile_where_it_is_not_the_tables(tmp_pa
     ]
     sweep.write_text(json.dumps(dict(environment={}, rows=rows)))
     assert candidate_tiles(sweep) == {64: Tile(128, 64, 4, 2)}
+    # A sweep that named the table's tile (as it stands now) rather than "default", in the
+    # rows of sweeps before 3c2ad1a, whose cases alone give their kind and head dim.
+    table = str(ForwardKernel("bfloat16", 128, False, False).tile)
+    rows = [
+        dict(case="prefill B=4 S=4096 Hkv=16 D=128", tile="128x32x4", us=100.0),
+        dict(case="prefill B=4 S=4096 Hkv=16 D=128", tile=table, us=50.0),
+        dict(case="prefill B=4 S=4096 Hkv=16 D=128", tile="default", us=100.0),
+    ]
+    sweep.write_text(json.dumps(dict(environment={}, rows=rows)))
+    assert candidate_tiles(sweep) == {}
 
 
 def test_tiles_are_written_and_read_back():

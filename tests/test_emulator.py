@@ -369,7 +369,7 @@ def test_planted_bugs_are_caught(tmp_path, rng, monkeypatch, emulate_options, bu
         tile = PLANTED_TILES[bug]
         monkeypatch.setattr(emulate, "plan_forward", functools.partial(plan_forward, tile=tile))
     q, k, v = qkv(rng, 1, 150, 150, 4, 2, 64, np.float16)
-    for causal in (True, False):  # each must catch it, with tiles the mask cuts and without
+    for causal in (True, False):  # each run must catch it, causal and not
         with pytest.raises((AssertionError, EmulationFault)):
             out = cuattn.attention(q, k, v, causal=causal, backend="emulate")
             assert_close(out, attention_oracle(q, k, v, causal=causal)[0], np.float16)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .report import progress, publish, table
+from .report import progress, publish, table, until_terminated
 
 HEADS_Q, HEAD_DIM = 32, 128
 # Caches larger than this share of the GPU's memory are skipped (with a note).
@@ -57,84 +57,89 @@ def main(argv=None) -> int:
     copy = copy_bandwidth(torch)
     print(f"device-to-device copy: {copy / 1e9:.0f} GB/s")
     rows = []
-    for batch in batches:
-        for length in progress(lengths, f"B={batch}"):
-            for heads_kv in kv_heads:
-                cache_bytes = 2 * batch * length * heads_kv * HEAD_DIM * 2
-                if cache_bytes > MEMORY_SHARE * total:
+    with until_terminated() as cut:
+        for batch in batches:
+            for length in progress(lengths, f"B={batch}"):
+                for heads_kv in kv_heads:
+                    cache_bytes = 2 * batch * length * heads_kv * HEAD_DIM * 2
+                    if cache_bytes > MEMORY_SHARE * total:
+                        print(
+                            f"  B={batch} len={length} Hkv={heads_kv}: a "
+                            f"{cache_bytes / 2**30:.0f} GiB cache does not fit; skipped"
+                        )
+                        continue
+                    shape = (batch, length, heads_kv, HEAD_DIM)
+                    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+                    v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+                    queries = [
+                        torch.randn(
+                            batch, 1, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16
+                        )
+                        for _ in range(2)
+                    ]
+                    moved = cache_bytes + 2 * queries[0].numel() * 2
+                    step_kv = [
+                        torch.randn(
+                            batch, 1, heads_kv, HEAD_DIM, device="cuda", dtype=torch.bfloat16
+                        )
+                        for _ in range(2)
+                    ]
+
+                    def ours(i, q=queries, k=k_cache, v=v_cache, n=length):
+                        return cuattn.attention_with_kvcache(q[i % 2], k, v, cache_seqlens=n)
+
+                    def step(i, q=queries, k=k_cache, v=v_cache, new=step_kv, n=length):
+                        # The cache holds n - 1 tokens; the step writes the n-th, then attends.
+                        return cuattn.attention_with_kvcache(
+                            q[i % 2], k, v, new[0], new[1], cache_seqlens=n - 1
+                        )
+
+                    def sdpa(i, q=queries, k=k_cache, v=v_cache, g=HEADS_Q // heads_kv):
+                        return torch.nn.functional.scaled_dot_product_attention(
+                            q[i % 2].transpose(1, 2),
+                            k.transpose(1, 2),
+                            v.transpose(1, 2),
+                            enable_gqa=g > 1,
+                        ).transpose(1, 2)
+
+                    error = float((ours(0).float() - sdpa(0).float()).abs().max())
+                    timing = time_cuda(ours, runs=runs)
+                    try:
+                        sdpa_time = time_cuda(sdpa, runs=runs).median
+                    except Exception as failure:  # e.g. no GQA support in this PyTorch
+                        print(
+                            f"  SDPA skipped: {type(failure).__name__}: "
+                            f"{str(failure).splitlines()[0][:100]}"
+                        )
+                        sdpa_time = None
+                    step_us = round(time_cuda(step, runs=runs).median * 1e6, 1)
+                    host_us = round(host_time(ours, runs=runs).median * 1e6, 1)
+                    sdpa_host_us = (
+                        round(host_time(sdpa, runs=runs).median * 1e6, 1) if sdpa_time else None
+                    )
+                    rows.append(
+                        dict(
+                            batch=batch,
+                            cache_len=length,
+                            heads_kv=heads_kv,
+                            us=round(timing.median * 1e6, 1),
+                            gb_s=round(moved / timing.median / 1e9),
+                            of_copy=f"{moved / timing.median / copy:.0%}",
+                            vs_sdpa=round(sdpa_time / timing.median, 2) if sdpa_time else None,
+                            max_abs_diff=f"{error:.1e}",
+                            host_us=host_us,
+                            sdpa_host_us=sdpa_host_us,
+                            step_us=step_us,
+                            timing=timing.as_dict(),
+                        )
+                    )
                     print(
-                        f"  B={batch} len={length} Hkv={heads_kv}: a "
-                        f"{cache_bytes / 2**30:.0f} GiB cache does not fit; skipped"
+                        f"  B={batch} len={length} Hkv={heads_kv}: {timing.median * 1e6:.1f} us, "
+                        f"{rows[-1]['gb_s']} GB/s ({rows[-1]['of_copy']} of copy)",
+                        flush=True,
                     )
-                    continue
-                shape = (batch, length, heads_kv, HEAD_DIM)
-                k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-                v_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-                queries = [
-                    torch.randn(batch, 1, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2)
-                ]
-                moved = cache_bytes + 2 * queries[0].numel() * 2
-                step_kv = [
-                    torch.randn(batch, 1, heads_kv, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2)
-                ]
-
-                def ours(i, q=queries, k=k_cache, v=v_cache, n=length):
-                    return cuattn.attention_with_kvcache(q[i % 2], k, v, cache_seqlens=n)
-
-                def step(i, q=queries, k=k_cache, v=v_cache, new=step_kv, n=length):
-                    # The cache holds n - 1 tokens; the step writes the n-th, then attends.
-                    return cuattn.attention_with_kvcache(
-                        q[i % 2], k, v, new[0], new[1], cache_seqlens=n - 1
-                    )
-
-                def sdpa(i, q=queries, k=k_cache, v=v_cache, g=HEADS_Q // heads_kv):
-                    return torch.nn.functional.scaled_dot_product_attention(
-                        q[i % 2].transpose(1, 2),
-                        k.transpose(1, 2),
-                        v.transpose(1, 2),
-                        enable_gqa=g > 1,
-                    ).transpose(1, 2)
-
-                error = float((ours(0).float() - sdpa(0).float()).abs().max())
-                timing = time_cuda(ours, runs=runs)
-                try:
-                    sdpa_time = time_cuda(sdpa, runs=runs).median
-                except Exception as failure:  # e.g. no GQA support in this PyTorch
-                    print(
-                        f"  SDPA skipped: {type(failure).__name__}: "
-                        f"{str(failure).splitlines()[0][:100]}"
-                    )
-                    sdpa_time = None
-                step_us = round(time_cuda(step, runs=runs).median * 1e6, 1)
-                host_us = round(host_time(ours, runs=runs).median * 1e6, 1)
-                sdpa_host_us = (
-                    round(host_time(sdpa, runs=runs).median * 1e6, 1) if sdpa_time else None
-                )
-                rows.append(
-                    dict(
-                        batch=batch,
-                        cache_len=length,
-                        heads_kv=heads_kv,
-                        us=round(timing.median * 1e6, 1),
-                        gb_s=round(moved / timing.median / 1e9),
-                        of_copy=f"{moved / timing.median / copy:.0%}",
-                        vs_sdpa=round(sdpa_time / timing.median, 2) if sdpa_time else None,
-                        max_abs_diff=f"{error:.1e}",
-                        host_us=host_us,
-                        sdpa_host_us=sdpa_host_us,
-                        step_us=step_us,
-                        timing=timing.as_dict(),
-                    )
-                )
-                print(
-                    f"  B={batch} len={length} Hkv={heads_kv}: {timing.median * 1e6:.1f} us, "
-                    f"{rows[-1]['gb_s']} GB/s ({rows[-1]['of_copy']} of copy)",
-                    flush=True,
-                )
-                del k_cache, v_cache, queries, step_kv
-                torch.cuda.empty_cache()
+                    del k_cache, v_cache, queries, step_kv
+                    torch.cuda.empty_cache()
     # The seed's GQA table: the same query heads, fewer KV heads to read.
     gqa = []
     for row in rows:
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
     )
     publish(
         "decode",
-        "Decode",
+        "Decode" + cut.note,
         f"Device-to-device copy: {copy / 1e9:.0f} GB/s.\n\n{text}\n\n## GQA\n\n{gqa_text}",
         dict(copy_bandwidth=copy, rows=rows, gqa=gqa),
         args.out,

@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 
-from .report import publish, table
+from .report import publish, table, until_terminated
 
 HEADS, HEAD_DIM = 16, 128
 
@@ -58,35 +58,39 @@ def main(argv=None) -> int:
     from .timing_cuda import device_description
 
     rows = []
-    naive_alive = True
-    for power in range(10, 15 if args.quick else 18):
-        seqlen = 2**power
-        q, k, v = (
-            torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
-            for _ in range(3)
-        )
-        output_bytes = q.numel() * 2
-        ours = peak_extra(torch, lambda a, b, c: cuattn.attention(a, b, c, causal=True), q, k, v)
-        theirs = (
-            peak_extra(torch, lambda a, b, c: naive(torch, a, b, c), q, k, v)
-            if naive_alive
-            else None
-        )
-        naive_alive = theirs is not None
-        rows.append(
-            dict(
-                seqlen=seqlen,
-                output_mib=round(output_bytes / 2**20, 1),
-                cuattn_mib=round(ours / 2**20, 1) if ours is not None else "OOM",
-                naive_mib=round(theirs / 2**20, 1) if theirs is not None else "OOM",
+    with until_terminated() as cut:
+        naive_alive = True
+        for power in range(10, 15 if args.quick else 18):
+            seqlen = 2**power
+            q, k, v = (
+                torch.randn(1, seqlen, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16)
+                for _ in range(3)
             )
-        )
-        print(
-            f"  S={seqlen}: cuattn {rows[-1]['cuattn_mib']} MiB, naive {rows[-1]['naive_mib']} MiB",
-            flush=True,
-        )
-        del q, k, v
-        torch.cuda.empty_cache()
+            output_bytes = q.numel() * 2
+            ours = peak_extra(
+                torch, lambda a, b, c: cuattn.attention(a, b, c, causal=True), q, k, v
+            )
+            theirs = (
+                peak_extra(torch, lambda a, b, c: naive(torch, a, b, c), q, k, v)
+                if naive_alive
+                else None
+            )
+            naive_alive = theirs is not None
+            rows.append(
+                dict(
+                    seqlen=seqlen,
+                    output_mib=round(output_bytes / 2**20, 1),
+                    cuattn_mib=round(ours / 2**20, 1) if ours is not None else "OOM",
+                    naive_mib=round(theirs / 2**20, 1) if theirs is not None else "OOM",
+                )
+            )
+            print(
+                f"  S={seqlen}: cuattn {rows[-1]['cuattn_mib']} MiB, "
+                f"naive {rows[-1]['naive_mib']} MiB",
+                flush=True,
+            )
+            del q, k, v
+            torch.cuda.empty_cache()
     name, driver = device_description()
     text = table(
         rows,
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
             ("naive_mib", "naive peak MiB"),
         ],
     )
-    publish("memory", "Peak memory", text, dict(rows=rows), args.out, name, driver)
+    publish("memory", "Peak memory" + cut.note, text, dict(rows=rows), args.out, name, driver)
     return 0
 
 

@@ -24,7 +24,7 @@ import math
 import sys
 from pathlib import Path
 
-from .report import progress, publish, table
+from .report import progress, publish, table, until_terminated
 from .timing import attention_flops
 
 TOKENS = 16384
@@ -97,10 +97,10 @@ def peers(torch, candidate_tile=None):
     return found
 
 
-def candidate_tiles(sweep_path) -> dict:
+def candidate_tiles(sweep_path, arch: str | None = None) -> dict:
     """Per head dim, the sweep's fastest prefill tile (a cuattn.kernels.Tile) where it is not
-    the table's (as the sweep ran it, "default", or as the table stands now)."""
-    from cuattn.kernels import ForwardKernel, Tile
+    the table's (as the sweep ran it, "default", or as the table stands now for ``arch``)."""
+    from cuattn.kernels import Tile, prefill_tile
 
     from .tiles import fastest_prefill_tiles
 
@@ -110,9 +110,55 @@ def candidate_tiles(sweep_path) -> dict:
         if tile == "default":
             continue
         tile = Tile.parse(tile)
-        if tile != ForwardKernel("bfloat16", head_dim, False, False).tile:
+        if tile != prefill_tile(head_dim, arch):
             candidates[head_dim] = tile
     return candidates
+
+
+def _time_case(torch, case: dict, flops: float, found: dict, inputs, runs: int) -> list[dict]:
+    """One row per peer of ``found`` that runs ``case``: its time, its rate and its largest
+    difference from the first peer's output (cuattn's)."""
+    from .timing_cuda import time_cuda
+
+    causal = case["causal"]
+    reference = None
+    rows, times = [], {}
+    for name, peer in found.items():
+        try:
+            out = peer(*inputs[0], causal)
+            out = out if isinstance(out, torch.Tensor) else torch.from_dlpack(out)
+            if reference is None:
+                reference = out.float()
+            error = float((out.float() - reference).abs().max())
+            timing = time_cuda(lambda i, p=peer, x=inputs: p(*x[i % 2], causal), runs=runs)
+        except Exception as failure:  # a peer without a kernel for this case, or OOM
+            print(
+                f"  {name} skipped at S={case['seqlen']} D={case['head_dim']}: "
+                f"{type(failure).__name__}: {str(failure).splitlines()[0][:120]}"
+            )
+            torch.cuda.empty_cache()
+            continue
+        times[name] = timing.median
+        rows.append(
+            dict(
+                **case,
+                peer=name,
+                ms=round(timing.median * 1e3, 3),
+                tflops=round(flops / timing.median / 1e12, 1),
+                max_abs_diff=f"{error:.1e}",
+                timing=timing.as_dict(),
+            )
+        )
+    for row in rows:
+        row["cuattn_speedup"] = (
+            round(times[row["peer"]] / times["cuattn"], 2) if "cuattn" in times else None
+        )
+    print(
+        f"  {case['dtype']} D={case['head_dim']} S={case['seqlen']} causal={causal}: "
+        + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()),
+        flush=True,
+    )
+    return rows
 
 
 def main(argv=None) -> int:
@@ -127,83 +173,46 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    candidates = candidate_tiles(args.tiles_from) if args.tiles_from else {}
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    candidates = candidate_tiles(args.tiles_from, arch) if args.tiles_from else {}
     for head_dim, tile in candidates.items():
         print(f"  the sweep's fastest tile at D={head_dim}: {tile}")
 
-    from .timing_cuda import device_description, time_cuda
+    from .timing_cuda import device_description
 
     seqlens = (1024, 4096) if args.quick else (512, 1024, 2048, 4096, 8192, 16384)
     head_dims = (128,) if args.quick else (64, 128)
     dtypes = (torch.bfloat16,) if args.quick else (torch.float16, torch.bfloat16)
     runs = 5 if args.quick else 20
     rows = []
-    for dtype in dtypes:
-        for head_dim in head_dims:
-            heads = MODEL_DIM // head_dim
-            for seqlen in progress(seqlens, f"{dtype} D={head_dim}"):
-                batch = TOKENS // seqlen
-                inputs = [
-                    [
-                        torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
-                        for _ in range(3)
+    with until_terminated() as cut:
+        for dtype in dtypes:
+            for head_dim in head_dims:
+                heads = MODEL_DIM // head_dim
+                for seqlen in progress(seqlens, f"{dtype} D={head_dim}"):
+                    batch = TOKENS // seqlen
+                    inputs = [
+                        [
+                            torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+                            for _ in range(3)
+                        ]
+                        for _ in range(2)
                     ]
-                    for _ in range(2)
-                ]
-                for causal in (False, True):
-                    flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal)
-                    reference = None
-                    times = {}
-                    for name, peer in peers(torch, candidates.get(head_dim)).items():
-                        if name in UNFUSED and seqlen > UNFUSED_MAX_SEQLEN:
-                            continue
-                        try:
-                            out = peer(*inputs[0], causal)
-                            out = (
-                                torch.from_dlpack(out) if not isinstance(out, torch.Tensor) else out
-                            )
-                            if reference is None:
-                                reference = out.float()
-                            error = float((out.float() - reference).abs().max())
-                            timing = time_cuda(
-                                lambda i, p=peer, c=causal, x=inputs: p(*x[i % 2], c), runs=runs
-                            )
-                        except (
-                            Exception
-                        ) as failure:  # a peer without a kernel for this case, or OOM
-                            print(
-                                f"  {name} skipped at S={seqlen} D={head_dim}: "
-                                f"{type(failure).__name__}: {str(failure).splitlines()[0][:120]}"
-                            )
-                            torch.cuda.empty_cache()
-                            continue
-                        times[name] = timing.median
-                        rows.append(
-                            dict(
-                                dtype=str(dtype).split(".")[-1],
-                                head_dim=head_dim,
-                                seqlen=seqlen,
-                                batch=batch,
-                                causal=causal,
-                                peer=name,
-                                ms=round(timing.median * 1e3, 3),
-                                tflops=round(flops / timing.median / 1e12, 1),
-                                max_abs_diff=f"{error:.1e}",
-                                timing=timing.as_dict(),
-                            )
+                    for causal in (False, True):
+                        case = dict(
+                            dtype=str(dtype).split(".")[-1],
+                            head_dim=head_dim,
+                            seqlen=seqlen,
+                            batch=batch,
+                            causal=causal,
                         )
-                    for row in rows[-len(times) :]:
-                        row["cuattn_speedup"] = (
-                            round(times[row["peer"]] / times["cuattn"], 2)
-                            if "cuattn" in times
-                            else None
-                        )
-                    print(
-                        f"  {str(dtype)[6:]} D={head_dim} S={seqlen} causal={causal}: "
-                        + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()),
-                        flush=True,
-                    )
-                del inputs
+                        flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal)
+                        found = peers(torch, candidates.get(head_dim))
+                        if seqlen > UNFUSED_MAX_SEQLEN:
+                            found = {n: p for n, p in found.items() if n not in UNFUSED}
+                        rows += _time_case(torch, case, flops, found, inputs, runs)
+                    del inputs
     name, driver = device_description()
     columns = [
         ("dtype", "dtype"),
@@ -216,7 +225,8 @@ def main(argv=None) -> int:
         ("cuattn_speedup", "cuattn speed-up"),
         ("max_abs_diff", "max |diff| vs cuattn"),
     ]
-    publish("prefill", "Prefill", table(rows, columns), dict(rows=rows), args.out, name, driver)
+    title = "Prefill" + cut.note
+    publish("prefill", title, table(rows, columns), dict(rows=rows), args.out, name, driver)
     return 0
 
 

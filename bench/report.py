@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,3 +130,33 @@ def progress(items, description: str):
     except ImportError:
         return items
     return tqdm(items, desc=description, leave=False)
+
+
+class TimeLimit(BaseException):
+    """SIGTERM, as an exception that a benchmark's ``except Exception`` (a peer that fails
+    one case) does not swallow."""
+
+
+@dataclass
+class Cut:
+    note: str = ""  # what to add to the results' title when the run was cut short
+
+
+@contextlib.contextmanager
+def until_terminated():
+    """Runs a benchmark's measuring loop until it ends or the process gets SIGTERM, as
+    gpu_check.sh's per-step time limit sends it: then the loop stops where it is and the
+    ``Cut`` yielded gets a note, so that what was measured is still published."""
+
+    def stop(signum, frame):
+        raise TimeLimit
+
+    cut = Cut()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield cut
+    except TimeLimit:
+        cut.note = " (cut short by its time limit: the rows measured before it)"
+        print("stopped by SIGTERM: publishing the rows measured so far", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -35,17 +35,22 @@ def candidate_variants(head_dim: int, tile) -> list:
 
 
 def measure(arch: str, kernels: list) -> list[dict]:
-    """ptxas's registers and spill bytes per kernel, all compiled in one NVRTC program."""
+    """ptxas's registers, spill bytes and stack frame per kernel (the table allows neither
+    spills nor a stack frame), all compiled in one NVRTC program."""
     from cuattn import nvrtc
 
-    used = nvrtc.compile_program("fwd.cu", [k.expression for k in kernels], arch).resources()
-    return [
-        dict(
-            registers=used[k.expression].registers,
-            spilled=used[k.expression].spill_store_bytes + used[k.expression].spill_load_bytes,
+    report = nvrtc.compile_program("fwd.cu", [k.expression for k in kernels], arch).resources()
+    figures = []
+    for kernel in kernels:
+        used = report[kernel.expression]
+        figures.append(
+            dict(
+                registers=used.registers,
+                spilled=used.spill_store_bytes + used.spill_load_bytes,
+                stack=used.stack_bytes,
+            )
         )
-        for k in kernels
-    ]
+    return figures
 
 
 def _measure_candidate(job) -> list[dict]:
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
     context = multiprocessing.get_context("spawn")  # as cuattn.backends.cuda.precompile
     with ProcessPoolExecutor(args.jobs or os.cpu_count(), mp_context=context) as pool:
         rows = [row for rows in pool.map(_measure_candidate, jobs) for row in rows]
-    spilling = [row for row in rows if row["spilled"]]
+    spilling = [row for row in rows if row["spilled"] or row["stack"]]
     print(f"{len(spilling)} of {len(rows)} instantiations spill for {args.arch}")
     text = table(
         rows,
@@ -99,6 +104,7 @@ def main(argv=None) -> int:
             ("flags", "variant"),
             ("registers", "registers"),
             ("spilled", "spill bytes"),
+            ("stack", "stack bytes"),
         ],
     )
     publish(

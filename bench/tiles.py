@@ -20,7 +20,7 @@ import sys
 
 from cuattn.kernels import Tile
 
-from .report import publish, table
+from .report import publish, table, until_terminated
 from .timing import attention_flops
 
 # None: what cuattn/kernels.py chooses (its tile table, its split target). Two kinds of
@@ -186,60 +186,65 @@ def main(argv=None) -> int:
     cuda.precompile(arch, unique, jobs=os.cpu_count())
     original_plan = cuda.plan_forward
     rows = []
-    try:
-        for case in cases:
-            sets = _inputs(torch, case)
-            sdpa = _sdpa(torch, case)
-            reference = sdpa(*sets[0]).float()
-            sdpa_time = time_cuda(lambda i, s=sets, f=sdpa: f(*s[i % 2]), runs=runs).median
-            ours = _cuattn(case)
-            for c, tile, target in candidates:
-                if c is not case:
-                    continue
-                cuda.plan_forward = functools.partial(
-                    kernels.plan_forward, tile=tile, blocks_per_multiprocessor=target
-                )
-                error = float((torch.from_dlpack(ours(*sets[0])).float() - reference).abs().max())
-                timing = time_cuda(lambda i, s=sets, f=ours: f(*s[i % 2]), runs=runs)
-                if case["kind"] == "prefill":
-                    flops = attention_flops(
-                        case["batch"],
-                        case["heads_q"],
-                        case["seqlen"],
-                        case["seqlen"],
-                        case["head_dim"],
-                        case["causal"],
+    with until_terminated() as cut:
+        try:
+            for case in cases:
+                sets = _inputs(torch, case)
+                sdpa = _sdpa(torch, case)
+                reference = sdpa(*sets[0]).float()
+                sdpa_time = time_cuda(lambda i, s=sets, f=sdpa: f(*s[i % 2]), runs=runs).median
+                ours = _cuattn(case)
+                for c, tile, target in candidates:
+                    if c is not case:
+                        continue
+                    cuda.plan_forward = functools.partial(
+                        kernels.plan_forward, tile=tile, blocks_per_multiprocessor=target
                     )
-                    rate = f"{flops / timing.median / 1e12:.0f} TFLOP/s"
-                else:
-                    moved = 2 * 2 * case["batch"] * case["seqlen"] * case["heads_kv"] * DECODE_DIM
-                    rate = f"{moved / timing.median / 1e9:.0f} GB/s"
-                rows.append(
-                    dict(
-                        kind=case["kind"],
-                        head_dim=case["head_dim"],
-                        case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
-                        f"Hkv={case['heads_kv']} D={case['head_dim']}"
-                        + (" causal" if case["causal"] else ""),
-                        tile=str(tile) if tile else "default",
-                        split_target=target or "default",
-                        us=round(timing.median * 1e6, 1),
-                        rate=rate,
-                        vs_sdpa=round(sdpa_time / timing.median, 2),
-                        max_abs_diff=f"{error:.1e}",
-                        timing=timing.as_dict(),
+                    error = float(
+                        (torch.from_dlpack(ours(*sets[0])).float() - reference).abs().max()
                     )
-                )
-                print(
-                    f"  {rows[-1]['case']} tile {rows[-1]['tile']} target {target}: "
-                    f"{rows[-1]['us']} us, {rate}, {rows[-1]['vs_sdpa']}x SDPA, "
-                    f"diff {error:.1e}",
-                    flush=True,
-                )
-            del sets
-            torch.cuda.empty_cache()
-    finally:
-        cuda.plan_forward = original_plan
+                    timing = time_cuda(lambda i, s=sets, f=ours: f(*s[i % 2]), runs=runs)
+                    if case["kind"] == "prefill":
+                        flops = attention_flops(
+                            case["batch"],
+                            case["heads_q"],
+                            case["seqlen"],
+                            case["seqlen"],
+                            case["head_dim"],
+                            case["causal"],
+                        )
+                        rate = f"{flops / timing.median / 1e12:.0f} TFLOP/s"
+                    else:
+                        moved = (
+                            2 * 2 * case["batch"] * case["seqlen"] * case["heads_kv"] * DECODE_DIM
+                        )
+                        rate = f"{moved / timing.median / 1e9:.0f} GB/s"
+                    rows.append(
+                        dict(
+                            kind=case["kind"],
+                            head_dim=case["head_dim"],
+                            case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
+                            f"Hkv={case['heads_kv']} D={case['head_dim']}"
+                            + (" causal" if case["causal"] else ""),
+                            tile=str(tile) if tile else "default",
+                            split_target=target or "default",
+                            us=round(timing.median * 1e6, 1),
+                            rate=rate,
+                            vs_sdpa=round(sdpa_time / timing.median, 2),
+                            max_abs_diff=f"{error:.1e}",
+                            timing=timing.as_dict(),
+                        )
+                    )
+                    print(
+                        f"  {rows[-1]['case']} tile {rows[-1]['tile']} target {target}: "
+                        f"{rows[-1]['us']} us, {rate}, {rows[-1]['vs_sdpa']}x SDPA, "
+                        f"diff {error:.1e}",
+                        flush=True,
+                    )
+                del sets
+                torch.cuda.empty_cache()
+        finally:
+            cuda.plan_forward = original_plan
     name, driver = device_description()
     text = table(
         rows,
@@ -253,7 +258,8 @@ def main(argv=None) -> int:
             ("max_abs_diff", "max |diff| vs SDPA"),
         ],
     )
-    publish("tiles", "Forward kernel tiles", text, dict(rows=rows), args.out, name, driver, False)
+    title = "Forward kernel tiles" + cut.note
+    publish("tiles", title, text, dict(rows=rows), args.out, name, driver, False)
     return 0
 
 

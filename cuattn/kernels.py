@@ -62,6 +62,12 @@ _TENSOR_CORE_TILES = {d: Tile(64, 64, 4) for d in HEAD_DIMS} | {
     128: Tile(128, 64, 8),
     256: Tile(64, 16, 4),
 }
+# Where one architecture's fastest tile differs from the table's (timed there by bench/tiles.py):
+# "sm_90" -> head dim -> tile, for prefill (decoding keeps the decoding tile). Every prefill
+# variant of such a tile must compile without spills for its architecture, which
+# tests/test_kernel_build.py checks and `bench resources` reports ahead: at head dim 128 the
+# tiles of 32 rows a warp spill for sm_80, not all for sm_90.
+ARCH_TILES: dict[str, dict[int, Tile]] = {}
 _SIMT_TILES = {d: Tile(32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
 # Decoding (at most this many query rows per block: one token, or the packed query heads
 # of a group) takes a tile of DECODE_ROWS rows with the prefill tile's per-warp work (16
@@ -199,23 +205,26 @@ class ForwardKernel:
         )
 
 
+def prefill_tile(head_dim: int, arch: str | None = None) -> Tile:
+    """The table's tensor-core tile for prefill at ``head_dim`` (one of HEAD_DIMS) on
+    ``arch``."""
+    return ARCH_TILES.get(arch, {}).get(head_dim) or _TENSOR_CORE_TILES[head_dim]
+
+
 def forward_kernel(
     spec: AttentionSpec,
     pack_gqa: bool = False,
     tile: Tile | None = None,
     decode: bool = False,
+    arch: str | None = None,
 ) -> ForwardKernel:
-    """The instantiation that computes ``spec`` (with ``tile`` instead of the table's)."""
+    """The instantiation that computes ``spec`` on ``arch`` (None: the table's tile, for any
+    architecture), or with ``tile`` instead of the table's."""
     windowed = spec.window_left >= 0 or spec.window_right >= 0
-    return ForwardKernel(
-        dtype_name(spec.dtype),
-        padded_head_dim(spec.head_dim),
-        windowed,
-        spec.softcap > 0,
-        pack_gqa,
-        tile,
-        decode,
-    )
+    dtype, head_dim = dtype_name(spec.dtype), padded_head_dim(spec.head_dim)
+    if tile is None and not decode and dtype != "float32":
+        tile = ARCH_TILES.get(arch, {}).get(head_dim)
+    return ForwardKernel(dtype, head_dim, windowed, spec.softcap > 0, pack_gqa, tile, decode)
 
 
 @dataclass(frozen=True)
@@ -280,21 +289,23 @@ def plan_forward(
     *,
     tile: Tile | None = None,
     blocks_per_multiprocessor: int | None = None,
+    arch: str | None = None,
 ) -> ForwardPlan:
     """Choose packing and the split count from the shapes and the GPU's multiprocessors.
 
     Few query rows per KV head (decoding) pack the query heads of a group into one block, so
     K and V are read once per group. When even then the blocks cannot fill the GPU and the
     keys are many, the keys are split (flash-decoding): each split is a block of its own,
-    and a second small kernel merges the splits by their lse. ``tile`` and
-    ``blocks_per_multiprocessor`` (the split target) are for tuning.
+    and a second small kernel merges the splits by their lse. ``arch`` ("sm_90") picks its
+    tiles from ARCH_TILES; ``tile`` and ``blocks_per_multiprocessor`` (the split target) are
+    for tuning.
     """
     group = spec.num_heads_q // spec.num_heads_kv
-    unpacked = forward_kernel(spec, tile=tile)
+    unpacked = forward_kernel(spec, tile=tile, arch=arch)
     pack = unpacked.tensor_cores and group > 1 and sequences.max_query_len < unpacked.block_m
     rows = sequences.max_query_len * (group if pack else 1)
     decode = unpacked.tensor_cores and tile is None and rows <= DECODE_ROWS
-    kernel = forward_kernel(spec, pack_gqa=pack, tile=tile, decode=decode)
+    kernel = forward_kernel(spec, pack_gqa=pack, tile=tile, decode=decode, arch=arch)
     if blocks_per_multiprocessor is None:
         blocks_per_multiprocessor = (
             DECODE_BLOCKS_PER_MULTIPROCESSOR if decode else PREFILL_BLOCKS_PER_MULTIPROCESSOR
@@ -371,14 +382,24 @@ def dtype_name(dtype) -> str:
 
 
 @functools.cache
-def all_kernels() -> tuple[ForwardKernel | CombineKernel | MergeKernel | AppendKernel, ...]:
-    """Every instantiation cuattn can launch."""
+def all_kernels(
+    arch: str | None = None,
+) -> tuple[ForwardKernel | CombineKernel | MergeKernel | AppendKernel, ...]:
+    """Every instantiation cuattn can launch on ``arch``: the table's, and that architecture's
+    own prefill tiles (ARCH_TILES); with no ``arch``, the table's alone."""
     dtypes = ("float16", "bfloat16", "float32")
     forward = tuple(
         variant
         for dtype in dtypes
         for head_dim in HEAD_DIMS
         for variant in ForwardKernel(dtype, head_dim, False, False).variants()
+    )
+    forward += tuple(
+        variant
+        for dtype in ("float16", "bfloat16")
+        for head_dim, tile in ARCH_TILES.get(arch, {}).items()
+        for variant in ForwardKernel(dtype, head_dim, False, False, False, tile).variants()
+        if not variant.decode  # decoding keeps the decoding tile
     )
     return forward + tuple(
         kernel(dtype) for kernel in (CombineKernel, MergeKernel, AppendKernel) for dtype in dtypes

@@ -141,3 +141,42 @@ def test_tiles_are_written_and_read_back():
         assert Tile.parse(str(tile)) == tile
     with pytest.raises(ValueError, match="tile: expected"):
         Tile.parse("128x64")
+
+
+def test_a_benchmark_cut_short_still_publishes_what_it_measured():
+    # gpu_check.sh's per-step limit sends SIGTERM; the loop stops, the caller publishes.
+    import os
+    import signal
+    import time
+
+    from bench.report import until_terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    rows = []
+    with until_terminated() as cut:
+        rows.append("first")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        rows.append("never")
+    assert rows == ["first"] and "cut short" in cut.note
+    with until_terminated() as whole:
+        rows.append("second")
+    assert whole.note == "" and rows == ["first", "second"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_resource_report_covers_every_prefill_variant_of_a_candidate():
+    from bench.resources import candidate_variants, measure
+    from cuattn import nvrtc
+    from cuattn.kernels import Tile
+
+    variants = candidate_variants(64, Tile(128, 64, 4, 2))
+    flags = {(k.dtype, k.windowed, k.softcap, k.pack_gqa) for k in variants}
+    assert len(variants) == len(flags) == 16  # 2 dtypes x mask x softcap x packing
+    assert all(k.tile == Tile(128, 64, 4, 2) and not k.decode for k in variants)
+    try:
+        nvrtc.library()
+    except nvrtc.NvrtcError as error:
+        pytest.skip(str(error))
+    figures = measure("sm_90", candidate_variants(64, None)[:2])
+    assert all(f["registers"] > 0 and f["spilled"] == f["stack"] == 0 for f in figures)

@@ -29,7 +29,7 @@ def compiled():
 
     def compile_job(job):
         arch, source = job
-        expressions = sorted({k.expression for k in all_kernels() if k.source == source})
+        expressions = sorted({k.expression for k in all_kernels(arch) if k.source == source})
         return nvrtc.compile_program(source, expressions, arch).resources()
 
     # One NVRTC program per (architecture, source file), two compiling side by side.
@@ -44,7 +44,7 @@ def compiled():
 @pytest.mark.parametrize("arch", ARCHES)
 def test_every_instantiation_compiles_without_spills(compiled, arch):
     resources = compiled[arch]
-    assert set(resources) == {k.expression for k in all_kernels()}
+    assert set(resources) == {k.expression for k in all_kernels(arch)}
     spilled = {
         expression: r
         for expression, r in resources.items()
@@ -54,9 +54,10 @@ def test_every_instantiation_compiles_without_spills(compiled, arch):
     assert max(r.registers for r in resources.values()) <= 255
 
 
+@pytest.mark.parametrize("arch", [None, *ARCHES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_every_accepted_call_has_an_instantiation(dtype):
-    kernels = set(all_kernels())
+def test_every_accepted_call_has_an_instantiation(dtype, arch):
+    kernels = set(all_kernels(arch))
     for head_dim, left, right, softcap in itertools.product(
         range(8, 257, 8), (-1, 5), (-1, 0), (0.0, 1.0)
     ):
@@ -76,12 +77,13 @@ def test_every_accepted_call_has_an_instantiation(dtype):
             has_sinks=False,
             return_lse=False,
         )
-        kernel = forward_kernel(spec)
+        kernel = forward_kernel(spec, arch=arch)
         assert kernel in kernels and kernel.head_dim >= head_dim
 
 
-def test_instantiation_keys_are_unique():
-    names = [k.name for k in all_kernels()]
+@pytest.mark.parametrize("arch", [None, *ARCHES])
+def test_instantiation_keys_are_unique(arch):
+    names = [k.name for k in all_kernels(arch)]
     assert len(names) == len(set(names)) and all(name.isidentifier() for name in names)
     assert {k.head_dim for k in all_kernels() if isinstance(k, ForwardKernel)} == set(HEAD_DIMS)
 

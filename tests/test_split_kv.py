@@ -20,7 +20,7 @@ from .oracle import attention_oracle, kvcache_oracle
 
 
 def _decode_plan(
-    batch, heads_q, heads_kv, cache_len, multiprocessors, seqlen_q=1, dtype=np.float16
+    batch, heads_q, heads_kv, cache_len, multiprocessors, seqlen_q=1, dtype=np.float16, arch=None
 ):
     q = np.zeros((batch, seqlen_q, heads_q, 128), dtype)
     cache = np.zeros((batch, cache_len, heads_kv, 128), dtype)
@@ -32,7 +32,8 @@ def _decode_plan(
         "cache_seqlens": from_numpy(lengths),
     }
     spec = kvcache_spec(raw, lengths, MaskOptions(causal=True))
-    return plan_forward(spec, kvcache_sequences(lengths, seqlen_q, 0), q.shape, multiprocessors)
+    sequences = kvcache_sequences(lengths, seqlen_q, 0)
+    return plan_forward(spec, sequences, q.shape, multiprocessors, arch=arch)
 
 
 def test_decoding_packs_query_heads_and_splits_the_keys_to_fill_the_gpu():
@@ -72,6 +73,36 @@ def test_prefill_is_neither_packed_nor_split():
     plan = plan_forward(spec, batched_sequences(4, 2048, 2048), q.shape, 132)
     assert not plan.kernel.pack_gqa and not plan.kernel.decode
     assert plan.num_splits == 1 and plan.grid == (2048 // plan.kernel.block_m, 32, 4)
+
+
+def test_an_architectures_tile_replaces_the_tables_for_its_prefill(monkeypatch):
+    from cuattn import kernels
+    from cuattn.spec import attention_spec
+
+    tile = kernels.Tile(128, 32, 4, 2)
+    monkeypatch.setitem(kernels.ARCH_TILES, "sm_90", {128: tile})
+    kernels.all_kernels.cache_clear()  # it lists ARCH_TILES' instantiations
+    try:
+
+        def prefill(dtype, head_dim, arch):
+            q = np.zeros((4, 2048, 8, head_dim), dtype)
+            raw = {"q": from_numpy(q), "k": from_numpy(q), "v": from_numpy(q)}
+            spec = attention_spec(raw, MaskOptions())
+            return plan_forward(spec, batched_sequences(4, 2048, 2048), q.shape, 132, arch=arch)
+
+        there = prefill(np.float16, 128, "sm_90").kernel
+        assert there.tile == tile and there in kernels.all_kernels("sm_90")
+        assert there not in kernels.all_kernels("sm_80") and there not in kernels.all_kernels()
+        elsewhere = prefill(np.float16, 128, "sm_80").kernel
+        assert elsewhere.tile == kernels.prefill_tile(128) != tile
+        assert elsewhere == prefill(np.float16, 128, None).kernel
+        # Other head dims, float32 and decoding keep their tiles.
+        assert prefill(np.float16, 64, "sm_90").kernel.tile == kernels.prefill_tile(64)
+        assert prefill(np.float32, 128, "sm_90").kernel.tile.block_m != tile.block_m
+        decoding = _decode_plan(1, 32, 8, 4096, 132, arch="sm_90")
+        assert decoding.kernel.decode and decoding.kernel.block_m == kernels.DECODE_ROWS
+    finally:
+        kernels.all_kernels.cache_clear()
 
 
 @pytest.fixture

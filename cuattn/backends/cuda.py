@@ -55,7 +55,7 @@ def precompile(
     """Compile ``kernels`` (by default every instantiation) for ``arch`` into the disk cache,
     ``jobs`` NVRTC processes at a time, so that no first call pays for compiling; needs no
     GPU. Returns (kernel name, seconds) per kernel, about 0 for those already cached."""
-    kernels = all_kernels() if kernels is None else kernels
+    kernels = all_kernels(arch) if kernels is None else kernels
     # Fresh processes: forking a parent that already holds a CUDA context is not safe.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context) as pool:
@@ -69,6 +69,7 @@ class CudaBackend:
     def __init__(self):
         self._functions: dict[tuple[str, int], object] = {}
         self._sm_counts: dict[int, int] = {}
+        self._arches: dict[int, str] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -126,7 +127,7 @@ class CudaBackend:
             if key not in self._functions:
                 cupy = _cupy()
                 with cupy.cuda.Device(device_id) as device:
-                    path, mangled = self._compiled(kernel, f"sm_{device.compute_capability}")
+                    path, mangled = self._compiled(kernel, self._arch(device.id))
                     function = cupy.RawModule(path=path).get_function(mangled)
                     if kernel.shared_bytes > _DEFAULT_SHARED_LIMIT:
                         function.max_dynamic_shared_size_bytes = kernel.shared_bytes
@@ -148,7 +149,13 @@ class CudaBackend:
         cupy = _cupy()
         device_id = q.device.index
         with cupy.cuda.Device(device_id), cupy_stream(stream):
-            plan = plan_forward(spec, sequences, q.shape, self._multiprocessors(device_id))
+            plan = plan_forward(
+                spec,
+                sequences,
+                q.shape,
+                self._multiprocessors(device_id),
+                arch=self._arch(device_id),
+            )
             # Device memory allocated here is freed to CuPy's pool when the call returns;
             # the pool hands it out again only in this stream's order, after the kernels.
             lengths = {}
@@ -190,6 +197,11 @@ class CudaBackend:
                     (params,),
                     shared_mem=combine.shared_bytes,
                 )
+
+    def _arch(self, device_id: int) -> str:
+        if device_id not in self._arches:
+            self._arches[device_id] = f"sm_{_cupy().cuda.Device(device_id).compute_capability}"
+        return self._arches[device_id]
 
     def _multiprocessors(self, device_id: int) -> int:
         if device_id not in self._sm_counts:

@@ -7,9 +7,11 @@ The loop counted is the one a full, unmasked tile of 16-byte aligned operands ru
 tile nearly every prefill and decode step runs, when no row's maximum moves (as after a
 row's first tiles): the sources are compiled with those run-time conditions fixed
 (``vector_loads``, the mask's cut-tile test, the softmax's rescale test), so that the
-branches not taken drop out and the body is straight code. Registers and spills are those
-of the real kernel. Instructions per mma is a count, not a time: it says how much the
-kernel asks of the issue slots besides its tensor-core work.
+branches not taken drop out and the body is straight code. The loop a tile that the mask
+cuts runs (a causal block's last tiles) is counted too, in the kernel's masked twin, the
+same way but with the masked path taken. Registers and spills are those of the real kernel.
+Instructions per mma is a count, not a time: it says how much the kernel asks of the issue
+slots besides its tensor-core work.
 
     python -m cuattn bench key_loop [--arch sm_90] [--kernels DIR] [--out DIR]
 """
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from cuattn.kernels import Tile
@@ -90,11 +93,21 @@ def nvdisasm() -> str:
     )
 
 
-def full_tile_sources(kernels: Path, into: Path) -> Path:
-    """A copy of ``kernels`` in which every key tile is full and aligned (see above)."""
-    copy = into / "kernels"
+# For a tile the mask cuts (a causal block's last tiles), the same but for the cut: every
+# tile takes the masked path (fwd.cu's per-row visible ranges and a select per score) after
+# whole, aligned copies.
+_CUT_TILE_EDITS = tuple(
+    (name, pattern, "true ||" if pattern == "keys < BLOCK_N ||" else replacement)
+    for name, pattern, replacement in _FULL_TILE_EDITS
+)
+
+
+def full_tile_sources(kernels: Path, into: Path, cut: bool = False) -> Path:
+    """A copy of ``kernels`` in which every key tile is full and aligned (see above), and
+    with ``cut`` every tile takes the masked path."""
+    copy = into / ("kernels-cut" if cut else "kernels")
     shutil.copytree(kernels, copy)
-    for name, pattern, replacement in _FULL_TILE_EDITS:
+    for name, pattern, replacement in _CUT_TILE_EDITS if cut else _FULL_TILE_EDITS:
         source = (copy / name).read_text()
         if pattern not in source:
             raise ValueError(f"{name} no longer contains {pattern!r}: update bench/key_loop.py")
@@ -135,25 +148,46 @@ def functions(sass: str) -> dict[str, str]:
     return dict(zip(parts[1::2], parts[2::2], strict=True))
 
 
-def measure(kernels: list, arch: str, sources: Path, full_tiles: Path) -> list[dict]:
-    """Per kernel: registers and spills as compiled from ``sources``, and the opcodes of its
-    key loop as compiled from ``full_tiles``. One NVRTC program each."""
+def _key_loops(expressions: list[str], arch: str, root: Path) -> list:
+    """(opcodes, inner loops) of each kernel's key loop, compiled from ``root``."""
     from cuattn import nvrtc
 
-    expressions = [k.expression for k in kernels]
-    resources = nvrtc.compile_program("fwd.cu", expressions, arch, root=sources).resources()
-    program = nvrtc.compile_program("fwd.cu", expressions, arch, root=full_tiles)
-    cubin = full_tiles / "kernels.cubin"
+    program = nvrtc.compile_program("fwd.cu", expressions, arch, root=root)
+    cubin = root / "kernels.cubin"
     cubin.write_bytes(program.binary)
     listing = subprocess.run(
         [nvdisasm(), "-c", str(cubin)], check=True, capture_output=True, text=True
     ).stdout
     by_name = functions(listing)
+    return [loop_opcodes(by_name[program.lowered_names[e]]) for e in expressions]
+
+
+def measure(
+    kernels: list, arch: str, sources: Path, full_tiles: Path, cut_tiles: Path | None = None
+) -> list[dict]:
+    """Per kernel: registers and spills as compiled from ``sources``, and the opcodes of its
+    key loop as compiled from ``full_tiles``; with ``cut_tiles``, also the instructions of
+    the loop its masked twin (causal, windowed) runs on a tile the mask cuts. One NVRTC
+    program each."""
+    from cuattn import nvrtc
+
+    expressions = [k.expression for k in kernels]
+    resources = nvrtc.compile_program("fwd.cu", expressions, arch, root=sources).resources()
+    loops = _key_loops(expressions, arch, full_tiles)
+    if cut_tiles:
+        masked = [replace(k, windowed=True).expression for k in kernels]
+        cut = _key_loops(masked, arch, cut_tiles)
+    else:
+        cut = [None] * len(expressions)
     results = []
-    for expression in expressions:
-        opcodes, inner_loops = loop_opcodes(by_name[program.lowered_names[expression]])
+    for expression, (opcodes, inner_loops), cut_loop in zip(expressions, loops, cut, strict=True):
         total, mma = sum(opcodes.values()), opcodes["HMMA"]
         used = resources[expression]
+        if cut_loop is not None:
+            cut_total = sum(cut_loop[0].values())
+            figures = dict(cut_instructions=cut_total, cut_per_mma=round(cut_total / mma, 2))
+        else:
+            figures = {}
         results.append(
             dict(
                 registers=used.registers,
@@ -164,6 +198,7 @@ def measure(kernels: list, arch: str, sources: Path, full_tiles: Path) -> list[d
                 barriers=opcodes["BAR"],
                 inner_loops=inner_loops,
                 opcodes=dict(opcodes.most_common()),
+                **figures,
             )
         )
     return results
@@ -190,7 +225,10 @@ def main(argv=None) -> int:
     ]
     with tempfile.TemporaryDirectory() as scratch:
         full_tiles = full_tile_sources(kernels, Path(scratch))
-        measured = measure([kernel for _, _, kernel in cases], args.arch, kernels, full_tiles)
+        cut_tiles = full_tile_sources(kernels, Path(scratch), cut=True)
+        measured = measure(
+            [kernel for _, _, kernel in cases], args.arch, kernels, full_tiles, cut_tiles
+        )
     rows = []
     for (head_dim, tile, kernel), figures in zip(cases, measured, strict=True):
         label = " (table)" if tile is None else " (decode)" if tile == "decode" else ""
@@ -206,13 +244,16 @@ def main(argv=None) -> int:
             ("mma", "mma per warp"),
             ("instructions", "instructions per warp"),
             ("per_mma", "per mma"),
+            ("cut_per_mma", "per mma, tile cut by a mask"),
             ("barriers", "barriers"),
             ("inner_loops", "inner loops"),
             ("top", "most frequent"),
         ],
     )
-    title = "Forward kernel key loop: bfloat16, one full tile, compiled but not run"
     sources = str(args.kernels) if args.kernels else "this checkout"
+    title = "Forward kernel key loop: bfloat16, one full tile, compiled but not run"
+    if args.kernels:
+        title += f", kernels from {args.kernels}"
     publish(
         "key-loop",
         title,

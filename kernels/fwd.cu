@@ -343,12 +343,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
                 // The token this row stands for (packed rows share tokens), found again in
-                // each cut tile rather than held in registers across the loop.
-                const int64 token = work.token(lane_row(warp_row, r));
+                // each cut tile rather than held in registers across the loop. Without a
+                // mask only the sequence's end cuts a tile.
+                const RowKeys seen = WINDOWED ? mask.row_keys(work.token(lane_row(warp_row, r)), key_begin, keys)
+                                              : RowKeys{0, keys, 0};
 #pragma unroll
                 for (int c = 0; c < Layout::kKeyColumns; ++c) {
-                    const int column = lane_column(c);
-                    if (column >= keys || !mask.visible(token, key_begin + column)) scores[r][c] = negative_infinity();
+                    scores[r][c] = seen.visible(lane_column(c)) ? scores[r][c] : negative_infinity();
                 }
             }
         }
@@ -486,10 +487,10 @@ __global__ void __launch_bounds__(BLOCK_M * 4, 1) flash_forward_simt(const Atten
             for (int j = 0; j < kKeysPerLane; ++j) scores[0][j] = base2_score<SOFTCAP>(scores[0][j], params);
         }
         if (cut) {
+            const RowKeys seen = WINDOWED ? mask.row_keys(token, key_begin, keys) : RowKeys{0, keys, 0};
 #pragma unroll
             for (int j = 0; j < kKeysPerLane; ++j) {
-                const int key = quad + 4 * j;
-                if (key >= keys || !mask.visible(token, key_begin + key)) scores[0][j] = negative_infinity();
+                scores[0][j] = seen.visible(quad + 4 * j) ? scores[0][j] : negative_infinity();
             }
         }
         float rescale[1];

@@ -12,6 +12,17 @@ namespace cuattn {
 
 struct KeyTiles;
 
+// The keys of one tile that one query row sees, as columns of the tile: column c is visible
+// when c < end and (c >= begin or c < sinks_end). Found once a row in 64-bit positions, so
+// that a column costs three 32-bit compares and a select, and no branch.
+struct RowKeys {
+    int begin, end, sinks_end;
+    __device__ __forceinline__ bool visible(int column) const {
+        // Bitwise, not short-circuit: each && or || would be a branch per score.
+        return (column < end) & ((column >= begin) | (column < sinks_end));
+    }
+};
+
 struct Mask {
     int64 offset;  // key position of query row 0: rows are aligned bottom-right
     int64 key_count;
@@ -24,12 +35,20 @@ struct Mask {
           window_right(p.window_right),
           sink_tokens(p.sink_tokens) {}
 
-    __device__ __forceinline__ bool visible(int64 row, int64 key) const {
+    // The columns of the tile [key_begin, key_begin + keys) that `row` sees. Key j is visible
+    // when j < key_count, j <= position + window_right (if set), and j >= position -
+    // window_left (if set) or j < sink_tokens.
+    __device__ __forceinline__ RowKeys row_keys(int64 row, int64 key_begin, int keys) const {
         const int64 position = row + offset;
-        if (key >= key_count) return false;
-        if (window_right >= 0 && key > position + window_right) return false;
-        if (window_left >= 0 && key < position - window_left && key >= sink_tokens) return false;
-        return true;
+        int64 end = key_count;
+        if (window_right >= 0 && position + window_right + 1 < end) end = position + window_right + 1;
+        const int64 begin = window_left >= 0 ? position - window_left : 0;
+        // As columns, clamped to [0, keys]: a bound outside the tile holds for all of it or none.
+        const auto column = [key_begin, keys](int64 key) {
+            const int64 c = key - key_begin;
+            return int(c < 0 ? 0 : c > keys ? keys : c);
+        };
+        return RowKeys{column(begin), column(end), column(sink_tokens)};
     }
 
     // Whether every row of [first_row, last_row] sees every key of [key_begin, key_end).

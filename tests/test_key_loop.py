@@ -3,8 +3,9 @@ is checked on a listing written here; the kernels themselves (NVRTC and nvdisasm
 must keep a key loop that is straight code with the tile's mma count and its barriers, and
 must not drift back to the instruction counts they had before their loads and addresses were
 rewritten (bench/NOTES.md, item 9), before the rescale of the output became conditional
-(item 12), before whole tiles were copied without per-copy tests (item 13), or before the
-score scale moved into the softmax's exponent (item 15)."""
+(item 12), before whole tiles were copied without per-copy tests (item 13), before the
+score scale moved into the softmax's exponent (item 15), or, on tiles a mask cuts, before
+the mask became a select per score (item 17)."""
 
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ def test_the_longest_loop_is_found_and_counted():
 # bench/NOTES.md, 9.4 and 4.7 after it, 8.5 and 4.2 after item 12 (the output rescaled only
 # when a row's maximum moves), 7.4 and 3.8 after item 13 (whole tiles copied without
 # tests), and 7.0 and 3.6 since item 15 (the score scale applied in the exponent's
-# multiply-add), with one stage or two.
+# multiply-add), with one stage or two. On a tile a causal mask cuts, 18.4 and 9.4 before item
+# 17 (a branch per score), 10.7 and 5.2 after it (a select per score).
 BOUNDS = ((64, 7.2), (128, 3.7))
+CUT_BOUNDS = ((64, 11.5), (128, 5.6))
 
 
 def test_the_key_loop_is_straight_code_within_its_instruction_budget(tmp_path):
@@ -61,8 +64,12 @@ def test_the_key_loop_is_straight_code_within_its_instruction_budget(tmp_path):
     table = [ForwardKernel("bfloat16", head_dim, False, False) for head_dim, _ in BOUNDS]
     kernels = table + [replace(k, tile_override=k.tile._replace(kv_stages=2)) for k in table]
     full_tiles = key_loop.full_tile_sources(kernel_dir(), tmp_path)
-    measured = key_loop.measure(kernels, "sm_90", kernel_dir(), full_tiles)
-    for kernel, (_, bound), figures in zip(kernels, BOUNDS + BOUNDS, measured, strict=True):
+    cut_tiles = key_loop.full_tile_sources(kernel_dir(), tmp_path, cut=True)
+    measured = key_loop.measure(kernels, "sm_90", kernel_dir(), full_tiles, cut_tiles)
+    bounds = zip(BOUNDS + BOUNDS, CUT_BOUNDS + CUT_BOUNDS, strict=True)
+    for kernel, ((_, bound), (_, cut_bound)), figures in zip(
+        kernels, bounds, measured, strict=True
+    ):
         block_m, block_n, warps, kv_stages = kernel.tile
         row_tiles = block_m // warps // 16
         # Q K^T: row tiles x (block_n / 8) x (D / 16); P V: row tiles x (D / 8) x (block_n / 16).
@@ -73,6 +80,9 @@ def test_the_key_loop_is_straight_code_within_its_instruction_budget(tmp_path):
         )
         assert figures["per_mma"] <= bound, (
             f"{kernel.name}: {figures['per_mma']} instructions per mma"
+        )
+        assert figures["cut_per_mma"] <= cut_bound, (
+            f"{kernel.name}: {figures['cut_per_mma']} instructions per mma on a cut tile"
         )
         # One stage: before Q K^T, after it, before P V, after it. A ring: before Q K^T only.
         assert figures["barriers"] == (4 if kv_stages == 1 else 1), kernel.name

@@ -27,8 +27,8 @@ from .timing import attention_flops
 # candidate. Tiles that give each warp 32 query rows, two m16 tiles sharing every K and V
 # fragment read from shared memory, as FlashAttention-2 does (the table's give each warp 16;
 # sweep 51487b8 timed 128x32x4 before the kernel's loops shared those fragments:
-# bench/NOTES.md); at head dim 128 they spill for sm_80, not for sm_90
-# (key-loop-sm_*-2026-11-27 in bench/results). And tiles with a ring of K/V stages
+# bench/NOTES.md); at head dim 128 some of their variants spill, more for sm_80 than for sm_90
+# (resources-sm_*-2026-11-27 in bench/results). And tiles with a ring of K/V stages
 # ("s2": two), which copy a whole tile ahead with one barrier a tile instead of four.
 PREFILL_TILES = {
     64: (

@@ -65,8 +65,9 @@ _TENSOR_CORE_TILES = {d: Tile(64, 64, 4) for d in HEAD_DIMS} | {
 # Where one architecture's fastest tile differs from the table's (timed there by bench/tiles.py):
 # "sm_90" -> head dim -> tile, for prefill (decoding keeps the decoding tile). Every prefill
 # variant of such a tile must compile without spills for its architecture, which
-# tests/test_kernel_build.py checks and `bench resources` reports ahead: at head dim 128 the
-# tiles of 32 rows a warp spill for sm_80, not all for sm_90.
+# tests/test_kernel_build.py checks and `bench resources` reports ahead: at head dim 128, of
+# the tiles of 32 rows a warp, only 128x32x4 has no variant that spills, and only for sm_90
+# (bench/results/resources-sm_*).
 ARCH_TILES: dict[str, dict[int, Tile]] = {}
 _SIMT_TILES = {d: Tile(32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
 # Decoding (at most this many query rows per block: one token, or the packed query heads

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU verification in one call on a lent GPU (see ../shared/GPU.md):
-#   PYTHONPATH=$PWD BUDGET=400 bash bench/gpu_check.sh
-# (on a copy of the tree without its git history, also CUATTN_GIT_COMMIT=<commit>)
-# Fills the kernel cache, runs the GPU tests, the kernel tests under compute-sanitizer
-# (memcheck, racecheck), then the benchmarks, each step cut off at its own limit and none
-# started past BUDGET seconds, so that the script always ends and packs its results.
+#   PYTHONPATH=$PWD BUDGET=540 bash bench/gpu_check.sh
+# (on a copy of the tree without its git history, also CUATTN_GIT_COMMIT=<commit>; a device
+# call may run 600 s, so BUDGET leaves a minute for the last step's publishing and the pack)
+# Fills the kernel cache, runs the GPU tests, the tile sweep and the benchmarks, then the
+# kernel tests under compute-sanitizer (memcheck, racecheck), each step cut off at its own
+# limit and none started past BUDGET seconds, so that the script always ends and packs its
+# results. The sanitizers come last, as the timings are what only a GPU can give (the
+# emulator runs the kernels under AddressSanitizer and looks for overwrite races in CI);
+# a change to the table waits for a run in which they passed, and a tile with a ring of K/V
+# stages for racecheck on it.
 # Everything lands in $OUT/gpu-check.tar.gz (logs, JSON, Markdown, PNG); the short tables are
 # printed last. STEPS picks the steps and their order (default: all); QUICK=1 runs fewer
 # benchmark shapes.
@@ -14,7 +19,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/gpu-check}"
 BUDGET="${BUDGET:-1500}"
 QUICK="${QUICK:-}"
-STEPS="${STEPS:-compile demo tests memcheck racecheck tiles prefill decode memory}"
+STEPS="${STEPS:-compile demo tests tiles prefill decode memcheck racecheck memory}"
 WORK="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$WORK"
 export CUATTN_CACHE_DIR="$WORK/cache"
@@ -38,7 +43,9 @@ step() {  # step NAME LIMIT COMMAND...: run with a time limit, log to $WORK/NAME
     [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name (limit $limit s): $*"
     local start=$SECONDS
-    timeout --kill-after=5 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    # SIGTERM first: a benchmark then publishes what it measured (bench/report.py), which
+    # takes seconds (imports for the environment record, the plot) before the SIGKILL.
+    timeout --kill-after=30 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
     echo "   exit $rc after $((SECONDS - start)) s"
     if [ $rc -eq 0 ]; then

@@ -251,7 +251,10 @@ def main(argv=None) -> int:
         ],
     )
     sources = str(args.kernels) if args.kernels else "this checkout"
-    title = "Forward kernel key loop: bfloat16, one full tile, compiled but not run"
+    title = (
+        "Forward kernel key loop: bfloat16, one full tile (and one a mask cuts), "
+        "compiled but not run"
+    )
     if args.kernels:
         title += f", kernels from {args.kernels}"
     publish(

@@ -101,15 +101,15 @@ def publish(
     date = env["date"][:10]
     where = f"{device.replace(' ', '_')}-" if device else ""
     path = write(f"{kind}-{where}{date}", dict(environment=env, **payload), out_dir)
-    if plotted:
-        from .plot import plot
-
-        plot(path)
     machine = f"{env['cpu']} ({env['cpu_count']} cores)"
     if device:
         machine = f"{device}, driver {driver}" if driver else device
     heading = f"# {title}, {machine}, {date}, commit {env['git_commit']}"
     path.with_suffix(".md").write_text(f"{heading}\n\n{body}\n")
+    if plotted:  # last: the slowest part, and the one a run cut short can lose
+        from .plot import plot
+
+        plot(path)
     print(f"{body}\n\nwrote {path} and {path.with_suffix('.md').name}")
     return path
 

@@ -151,6 +151,9 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+_MAX_REACH = 2**40  # tokens: more than any sequence in memory holds
+
+
 def _resolve_options(
     options: MaskOptions, head_dim: int, num_heads_q: int, sinks: RawArray | None
 ) -> dict:
@@ -159,8 +162,10 @@ def _resolve_options(
     window = options.window
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window: expected a pair (left, right), got {window!r}")
-    left = _check_int("window[0] (left)", window[0], -1)
-    right = _check_int("window[1] (right)", window[1], -1)
+    # A bound past every key of any tensor that fits in memory is no bound at all; it is
+    # clamped to _MAX_REACH so that position arithmetic (64-bit in the kernels) cannot overflow.
+    left = min(_check_int("window[0] (left)", window[0], -1), _MAX_REACH)
+    right = min(_check_int("window[1] (right)", window[1], -1), _MAX_REACH)
     if options.causal:
         right = 0  # causal is the window whose right edge is the query's own position
     scale = 1.0 / math.sqrt(head_dim) if options.scale is None else options.scale
@@ -175,7 +180,7 @@ def _resolve_options(
         math.isfinite(softcap) and softcap >= 0
     ):
         raise ValueError(f"softcap: expected a finite float >= 0 (0 disables it), got {softcap!r}")
-    sink_tokens = _check_int("sink_tokens", options.sink_tokens, 0)
+    sink_tokens = min(_check_int("sink_tokens", options.sink_tokens, 0), _MAX_REACH)
     if sinks is not None:
         if sinks.shape != (num_heads_q,):
             raise ValueError(

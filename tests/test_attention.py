@@ -114,6 +114,15 @@ def test_negative_scale_with_outlying_keys(rng, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+def test_windows_and_sink_tokens_past_every_key_bound_nothing(rng, backend):
+    # Any bound is allowed; one far past the keys (here past 64-bit positions) is no bound.
+    q, k, v = qkv(rng, 1, 70, 150, 2, 2, 32, np.float32)
+    unbounded = call(cuattn.attention, backend, q, k, v)
+    far = call(cuattn.attention, backend, q, k, v, window=(2**70, 2**63), sink_tokens=2**64)
+    np.testing.assert_array_equal(far, unbounded)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_causal_is_the_window_with_right_edge_zero(rng, backend):
     q, k, v = qkv(rng, 1, 300, 400, 2, 2, 64, np.float32)
     causal = call(cuattn.attention, backend, q, k, v, causal=True)

@@ -155,8 +155,11 @@ def test_a_benchmark_cut_short_still_publishes_what_it_measured():
     rows = []
     with until_terminated() as cut:
         rows.append("first")
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler interrupts this
+        try:  # as a benchmark guards each peer: the time limit must get through
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+        except Exception:
+            rows.append("swallowed")
         rows.append("never")
     assert rows == ["first"] and "cut short" in cut.note
     with until_terminated() as whole:

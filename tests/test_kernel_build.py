@@ -110,3 +110,14 @@ def test_the_float32_kernel_refuses_a_tile_override():
     with pytest.raises(ValueError, match="tile_override: the float32 kernel's tile is fixed"):
         ForwardKernel("float32", 64, False, False, tile_override=(64, 32, 4))
     assert ForwardKernel("bfloat16", 64, False, False, tile_override=(64, 32, 4)).threads == 128
+
+
+def test_architecture_tiles_are_checked_and_differ_from_the_table():
+    # An architecture the build test does not compile for would go unchecked for spills; a
+    # tile equal to the table's would only compile the same kernel twice under two names.
+    from cuattn.kernels import ARCH_TILES, prefill_tile
+
+    assert set(ARCH_TILES) <= set(ARCHES)
+    for tiles in ARCH_TILES.values():
+        for head_dim, tile in tiles.items():
+            assert head_dim in HEAD_DIMS and tile != prefill_tile(head_dim)

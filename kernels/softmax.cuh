@@ -52,11 +52,11 @@ struct OnlineSoftmax {
     // A tile's first step: moves the reference of each row whose tile maximum (masked
     // scores -inf) passes it by more than the slack, and rescales the row's sum to match.
     // The tile's scores are `scale` times `scores`: 1 if they come scaled, and never below
-    // 0, or the largest score would be the smallest entry's. Returns whether
-    // any row of the warp moved; if so, each row's accumulated output must be multiplied by
-    // rescale[r] (1 for rows that did not move). The result is the same in every lane of the
-    // warp, so the caller's multiply is a branch the warp takes or skips as one, before the
-    // scores' exponentials (fewer values live across it).
+    // 0, or the largest score would be the smallest entry's. Returns whether any row of the
+    // warp moved; if so, each row's accumulated output must be multiplied by rescale[r] (1
+    // for rows that did not move). The result is the same in every lane of the warp, so the
+    // caller's multiply is a branch the warp takes or skips as one, before the scores'
+    // exponentials (fewer values live across it).
     template <int COLS>
     __device__ __forceinline__ bool move_maxima(const float (&scores)[ROWS][COLS], float scale,
                                                 float (&rescale)[ROWS]) {

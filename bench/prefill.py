@@ -18,13 +18,13 @@ CuPy) are timed up to S=4096: beyond it they take most of the run and tell nothi
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
 from pathlib import Path
 
 from .report import progress, publish, table, until_terminated
+from .tiles import tuned_plan
 from .timing import attention_flops
 
 TOKENS = 16384
@@ -64,21 +64,12 @@ def _naive_cupy(q, k, v, causal):
 
 
 def _cuattn_with_tile(tile):
-    """cuattn.attention with the forward kernel's tile chosen by hand (plan_forward's tuning
-    argument), for this call only."""
+    """cuattn.attention with the forward kernel's tile chosen by hand, for this call only."""
     import cuattn
-    from cuattn import kernels
-    from cuattn.backends import cuda
-
-    planned = functools.partial(kernels.plan_forward, tile=tile)
 
     def run(q, k, v, causal):
-        original = cuda.plan_forward
-        cuda.plan_forward = planned
-        try:
+        with tuned_plan(tile=tile):
             return cuattn.attention(q, k, v, causal=causal)
-        finally:
-            cuda.plan_forward = original
 
     return run
 

@@ -13,6 +13,7 @@ targets (blocks per multiprocessor). SDPA's own time is printed beside each case
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import re
@@ -84,6 +85,21 @@ def _decode_cases(torch, quick):
             head_dim=DECODE_DIM,
             causal=False,
         )
+
+
+@contextlib.contextmanager
+def tuned_plan(**tuning):
+    """cuattn's CUDA backend plans with ``tuning`` (plan_forward's tile and
+    blocks_per_multiprocessor) inside the block, and as its table says again after it."""
+    from cuattn import kernels
+    from cuattn.backends import cuda
+
+    original = cuda.plan_forward
+    cuda.plan_forward = functools.partial(kernels.plan_forward, **tuning)
+    try:
+        yield
+    finally:
+        cuda.plan_forward = original
 
 
 # Rows of sweeps before 3c2ad1a name their kind and head dim only in the case's text.
@@ -169,7 +185,6 @@ def main(argv=None) -> int:
     import cupy
     import torch
 
-    from cuattn import kernels
     from cuattn.backends import cuda
 
     from .timing_cuda import device_description, time_cuda
@@ -184,67 +199,59 @@ def main(argv=None) -> int:
     arch = f"sm_{cupy.cuda.Device().compute_capability}"
     unique = list({_kernel_for(c, t): None for c, t, _ in candidates if t is not None})
     cuda.precompile(arch, unique, jobs=os.cpu_count())
-    original_plan = cuda.plan_forward
     rows = []
     with until_terminated() as cut:
-        try:
-            for case in cases:
-                sets = _inputs(torch, case)
-                sdpa = _sdpa(torch, case)
-                reference = sdpa(*sets[0]).float()
-                sdpa_time = time_cuda(lambda i, s=sets, f=sdpa: f(*s[i % 2]), runs=runs).median
-                ours = _cuattn(case)
-                for c, tile, target in candidates:
-                    if c is not case:
-                        continue
-                    cuda.plan_forward = functools.partial(
-                        kernels.plan_forward, tile=tile, blocks_per_multiprocessor=target
-                    )
+        for case in cases:
+            sets = _inputs(torch, case)
+            sdpa = _sdpa(torch, case)
+            reference = sdpa(*sets[0]).float()
+            sdpa_time = time_cuda(lambda i, s=sets, f=sdpa: f(*s[i % 2]), runs=runs).median
+            ours = _cuattn(case)
+            for c, tile, target in candidates:
+                if c is not case:
+                    continue
+                with tuned_plan(tile=tile, blocks_per_multiprocessor=target):
                     error = float(
                         (torch.from_dlpack(ours(*sets[0])).float() - reference).abs().max()
                     )
                     timing = time_cuda(lambda i, s=sets, f=ours: f(*s[i % 2]), runs=runs)
-                    if case["kind"] == "prefill":
-                        flops = attention_flops(
-                            case["batch"],
-                            case["heads_q"],
-                            case["seqlen"],
-                            case["seqlen"],
-                            case["head_dim"],
-                            case["causal"],
-                        )
-                        rate = f"{flops / timing.median / 1e12:.0f} TFLOP/s"
-                    else:
-                        moved = (
-                            2 * 2 * case["batch"] * case["seqlen"] * case["heads_kv"] * DECODE_DIM
-                        )
-                        rate = f"{moved / timing.median / 1e9:.0f} GB/s"
-                    rows.append(
-                        dict(
-                            kind=case["kind"],
-                            head_dim=case["head_dim"],
-                            case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
-                            f"Hkv={case['heads_kv']} D={case['head_dim']}"
-                            + (" causal" if case["causal"] else ""),
-                            tile=str(tile) if tile else "default",
-                            split_target=target or "default",
-                            us=round(timing.median * 1e6, 1),
-                            rate=rate,
-                            vs_sdpa=round(sdpa_time / timing.median, 2),
-                            max_abs_diff=f"{error:.1e}",
-                            timing=timing.as_dict(),
-                        )
+                if case["kind"] == "prefill":
+                    flops = attention_flops(
+                        case["batch"],
+                        case["heads_q"],
+                        case["seqlen"],
+                        case["seqlen"],
+                        case["head_dim"],
+                        case["causal"],
                     )
-                    print(
-                        f"  {rows[-1]['case']} tile {rows[-1]['tile']} target {target}: "
-                        f"{rows[-1]['us']} us, {rate}, {rows[-1]['vs_sdpa']}x SDPA, "
-                        f"diff {error:.1e}",
-                        flush=True,
+                    rate = f"{flops / timing.median / 1e12:.0f} TFLOP/s"
+                else:
+                    moved = 2 * 2 * case["batch"] * case["seqlen"] * case["heads_kv"] * DECODE_DIM
+                    rate = f"{moved / timing.median / 1e9:.0f} GB/s"
+                rows.append(
+                    dict(
+                        kind=case["kind"],
+                        head_dim=case["head_dim"],
+                        case=f"{case['kind']} B={case['batch']} S={case['seqlen']} "
+                        f"Hkv={case['heads_kv']} D={case['head_dim']}"
+                        + (" causal" if case["causal"] else ""),
+                        tile=str(tile) if tile else "default",
+                        split_target=target or "default",
+                        us=round(timing.median * 1e6, 1),
+                        rate=rate,
+                        vs_sdpa=round(sdpa_time / timing.median, 2),
+                        max_abs_diff=f"{error:.1e}",
+                        timing=timing.as_dict(),
                     )
-                del sets
-                torch.cuda.empty_cache()
-        finally:
-            cuda.plan_forward = original_plan
+                )
+                print(
+                    f"  {rows[-1]['case']} tile {rows[-1]['tile']} target {target}: "
+                    f"{rows[-1]['us']} us, {rate}, {rows[-1]['vs_sdpa']}x SDPA, "
+                    f"diff {error:.1e}",
+                    flush=True,
+                )
+            del sets
+            torch.cuda.empty_cache()
     name, driver = device_description()
     text = table(
         rows,

@@ -183,3 +183,15 @@ def test_the_resource_report_covers_every_prefill_variant_of_a_candidate():
         pytest.skip(str(error))
     figures = measure("sm_90", candidate_variants(64, None)[:2])
     assert all(f["registers"] > 0 and f["spilled"] == f["stack"] == 0 for f in figures)
+
+
+def test_a_tuned_plan_holds_inside_its_block_only():
+    from bench.tiles import tuned_plan
+    from cuattn.backends import cuda
+    from cuattn.kernels import Tile
+
+    original = cuda.plan_forward
+    with pytest.raises(RuntimeError), tuned_plan(tile=Tile(128, 32, 4)):
+        assert cuda.plan_forward.keywords == {"tile": Tile(128, 32, 4)}
+        raise RuntimeError  # a failing case restores the table's plan too
+    assert cuda.plan_forward is original

@@ -68,11 +68,7 @@ _FULL_TILE_EDITS = (
         "if (softmax.move_maxima(scores, scale, rescale))",
         "if (softmax.move_maxima(scores, scale, rescale) && false)",
     ),
-    (
-        "tile.cuh",
-        "const bool whole = valid_rows >= ROWS && head_dim == COLS;",
-        "const bool whole = true;",
-    ),
+    ("tile.cuh", "if (valid_rows >= ROWS && head_dim == COLS)", "if (true)"),
 )
 
 

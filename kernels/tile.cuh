@@ -10,13 +10,6 @@
 
 namespace cuattn {
 
-// A compile-time bool as a type (NVRTC has no <type_traits>): picks an instantiation of a
-// generic lambda.
-template <bool VALUE>
-struct Constant {
-    static constexpr bool value = VALUE;
-};
-
 template <class Element, int ROWS, int COLS>
 struct SharedTile {
     static constexpr int kChunk = 16 / int(sizeof(Element));  // elements per 16 bytes
@@ -52,6 +45,25 @@ struct PackedRows {
     }
 };
 
+// One thread's share of an evenly spaced tile load: rows first, first + ROW_STEP, ... of one
+// 16-byte column, the source advancing by source_step a row. With TESTED, rows from
+// valid_rows on and a column past the head dim are filled with zeros (copied from nowhere,
+// `fallback` standing in as the address). A template rather than a generic lambda: NVRTC
+// 13.0 takes a generic lambda in device code for a host function and refuses it.
+template <bool TESTED, int ROWS, int ROW_STEP, int STRIDE, class Element>
+__device__ __forceinline__ void copy_chunk_column(Element* destination, const Element* source, int64 source_step,
+                                                  const Element* fallback, int first, int valid_rows,
+                                                  bool column_valid) {
+#pragma unroll
+    for (int i = 0; i < (ROWS + ROW_STEP - 1) / ROW_STEP; ++i) {
+        const int r = first + i * ROW_STEP;
+        if (ROWS % ROW_STEP != 0 && r >= ROWS) break;
+        const bool valid = !TESTED || (column_valid && r < valid_rows);
+        cp_async_16(destination + i * ROW_STEP * STRIDE, valid ? source : fallback, valid);
+        source += source_step;
+    }
+}
+
 // Starts copying rows [0, valid_rows) x columns [0, head_dim) of a global matrix, row r at
 // global + rows(r), into `tile`; the rest of the tile becomes zero, so that padded rows and
 // columns contribute nothing to a product. With `vector_loads` the copies are asynchronous
@@ -82,21 +94,12 @@ __device__ __forceinline__ void load_tile(SharedTile<Element, ROWS, COLS> tile, 
             // Nearly every tile is whole, with no padded columns: its copies need no test of
             // the row or the column (a compare and two selects each). So the copy loop is
             // compiled twice, with the tests and without; the block takes one or the other.
-            const bool whole = valid_rows >= ROWS && head_dim == COLS;
-            auto copy_column = [&](auto tested) {
-#pragma unroll
-                for (int i = 0; i < (ROWS + kRowStep - 1) / kRowStep; ++i) {
-                    const int r = first + i * kRowStep;
-                    if (ROWS % kRowStep != 0 && r >= ROWS) break;
-                    const bool valid = !decltype(tested)::value || (column_valid && r < valid_rows);
-                    cp_async_16(destination + i * kRowStep * Tile::kStride, valid ? source : global, valid);
-                    source += source_step;
-                }
-            };
-            if (whole) {
-                copy_column(Constant<false>{});
+            if (valid_rows >= ROWS && head_dim == COLS) {
+                copy_chunk_column<false, ROWS, kRowStep, Tile::kStride>(destination, source, source_step, global,
+                                                                        first, valid_rows, column_valid);
             } else {
-                copy_column(Constant<true>{});
+                copy_chunk_column<true, ROWS, kRowStep, Tile::kStride>(destination, source, source_step, global,
+                                                                       first, valid_rows, column_valid);
             }
         } else {  // packed query rows: once per block
             for (int chunk = int(threadIdx.x); chunk < kChunks; chunk += THREADS) {

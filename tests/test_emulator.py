@@ -291,8 +291,8 @@ PLANTED = {
     # Partial key tiles copied as whole ones: the last tile of K and V reads past the array.
     "whole-tile-test": (
         "tile.cuh",
-        "const bool whole = valid_rows >= ROWS && head_dim == COLS;",
-        "const bool whole = valid_rows > 0 && head_dim == COLS;",
+        "if (valid_rows >= ROWS && head_dim == COLS)",
+        "if (valid_rows > 0 && head_dim == COLS)",
     ),
     # The ragged last key tile forgotten: keys at the end of a sequence never seen.
     "tile-count-off-by-one": (

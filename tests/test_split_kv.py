@@ -113,8 +113,8 @@ def planned(monkeypatch):
     plans = []
     original = emulate.plan_forward
 
-    def spy(*args):
-        plans.append(original(*args))
+    def spy(*args, **kwargs):
+        plans.append(original(*args, **kwargs))
         return plans[-1]
 
     monkeypatch.setattr(emulate, "plan_forward", spy)

@@ -246,10 +246,13 @@ def main(argv=None) -> int:
             ("top", "most frequent"),
         ],
     )
+    from cuattn import nvrtc
+
+    compiler = ".".join(map(str, nvrtc.version()))  # the machine code differs between releases
     sources = str(args.kernels) if args.kernels else "this checkout"
     title = (
         "Forward kernel key loop: bfloat16, one full tile (and one a mask cuts), "
-        "compiled but not run"
+        f"compiled by NVRTC {compiler} but not run"
     )
     if args.kernels:
         title += f", kernels from {args.kernels}"
@@ -257,7 +260,7 @@ def main(argv=None) -> int:
         "key-loop",
         title,
         text,
-        dict(arch=args.arch, kernels=sources, rows=rows),
+        dict(arch=args.arch, nvrtc=compiler, kernels=sources, rows=rows),
         args.out,
         args.arch,
         None,

@@ -93,6 +93,9 @@ def main(argv=None) -> int:
     context = multiprocessing.get_context("spawn")  # as cuattn.backends.cuda.precompile
     with ProcessPoolExecutor(args.jobs or os.cpu_count(), mp_context=context) as pool:
         rows = [row for rows in pool.map(_measure_candidate, jobs) for row in rows]
+    from cuattn import nvrtc
+
+    compiler = ".".join(map(str, nvrtc.version()))  # spills differ between NVRTC releases
     spilling = [row for row in rows if row["spilled"] or row["stack"]]
     print(f"{len(spilling)} of {len(rows)} instantiations spill for {args.arch}")
     text = table(
@@ -110,9 +113,9 @@ def main(argv=None) -> int:
     publish(
         "resources",
         "Forward kernel candidates: registers and spills of every prefill variant, compiled "
-        "but not run",
+        f"by NVRTC {compiler} but not run",
         text,
-        dict(arch=args.arch, rows=rows),
+        dict(arch=args.arch, nvrtc=compiler, rows=rows),
         args.out,
         args.arch,
         None,

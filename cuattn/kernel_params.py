@@ -7,6 +7,7 @@ and to the emulated kernels (through ctypes or the sanitizer server).
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 
@@ -62,6 +63,22 @@ def _layout(fields) -> np.dtype:
 PARAMS_DTYPE = _layout(FIELDS)
 
 
+def _packer(layout: np.dtype) -> struct.Struct:
+    """``layout`` spelled for the struct module, padding included: values pack into its
+    bytes in one step, about a microsecond, where a NumPy record built from a tuple takes
+    over ten (CPU-measured), on every call."""
+    codes = {np.dtype(np.uint64): "Q", np.dtype(np.int64): "q", np.dtype(np.float32): "f"}
+    spelling, end = "<", 0
+    for name in layout.names:
+        field, offset = layout.fields[name][:2]
+        spelling += "x" * (offset - end) + codes[field]
+        end = offset + field.itemsize
+    return struct.Struct(spelling + "x" * (layout.itemsize - end))
+
+
+_PARAMS_PACKER = _packer(PARAMS_DTYPE)
+
+
 def _aligned_16(raw: RawArray) -> bool:
     """Whether every row of every head starts on a 16-byte boundary."""
     itemsize = raw.dtype.itemsize
@@ -82,8 +99,8 @@ def attention_params(
     """The kernel argument for one call. q, k, v, out are 4-D (batch, seqlen, heads, dim);
     lse is (batch, heads, seqlen); the kernel reads the lengths in ``sequences.lengths``
     (they must live where the kernel runs)."""
-    # Filled as a dict and converted once: assigning the fields of a NumPy record one by
-    # one costs about a microsecond each, and this runs on every call (every decoding step).
+    # Filled as a dict and packed once: assigning the fields of a NumPy record one by one
+    # costs about a microsecond each, and this runs on every call (every decoding step).
     p = dict.fromkeys(PARAMS_DTYPE.names, 0)
     for name, raw in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("sinks", sinks)):
         p[name] = raw.ptr if raw is not None else 0
@@ -115,7 +132,7 @@ def attention_params(
         p["softcap_log2"] = spec.softcap * LOG2E
     else:
         p["score_scale"] = spec.scale * LOG2E
-    return np.array([tuple(p.values())], PARAMS_DTYPE)
+    return np.frombuffer(bytearray(_PARAMS_PACKER.pack(*p.values())), PARAMS_DTYPE)
 
 
 # kernels/combine.cu's MergeParams.

@@ -65,10 +65,14 @@ _TENSOR_CORE_TILES = {d: Tile(64, 64, 4) for d in HEAD_DIMS} | {
 # Where one architecture's fastest tile differs from the table's (timed there by bench/tiles.py):
 # "sm_90" -> head dim -> tile, for prefill (decoding keeps the decoding tile). Every prefill
 # variant of such a tile must compile without spills for its architecture, which
-# tests/test_kernel_build.py checks and `bench resources` reports ahead: at head dim 128, of
-# the tiles of 32 rows a warp, only 128x32x4 has no variant that spills, and only for sm_90
-# (bench/results/resources-sm_*).
-ARCH_TILES: dict[str, dict[int, Tile]] = {}
+# tests/test_kernel_build.py checks and `bench resources` reports ahead
+# (bench/results/resources-sm_*). sm_90's entries won 8354313's sweep on the H200 (bench/NOTES.md,
+# item 19): at D=64 the fastest tile, 128x64x4s2, 1.33-1.55x as fast as the table's; at D=128 the
+# fastest whose variants all compile without spills (NVRTC 13.0 and 13.5), 128x32x4,
+# 1.25-1.30x. The faster 128x64x4s2 spills there. sm_80 was never timed, so it keeps the table.
+ARCH_TILES: dict[str, dict[int, Tile]] = {
+    "sm_90": {64: Tile(128, 64, 4, 2), 128: Tile(128, 32, 4)},
+}
 _SIMT_TILES = {d: Tile(32, 32, 4) for d in HEAD_DIMS}  # 4 lanes per row: 32 rows = 4 warps
 # Decoding (at most this many query rows per block: one token, or the packed query heads
 # of a group) takes a tile of DECODE_ROWS rows with the prefill tile's per-warp work (16
@@ -129,7 +133,7 @@ class ForwardKernel:
     def tensor_cores(self) -> bool:
         return self.dtype != "float32"
 
-    @property
+    @functools.cached_property  # read several times a launch (block size, shared memory...)
     def tile(self) -> Tile:
         if self.tile_override is not None:
             return self.tile_override
@@ -301,10 +305,40 @@ def plan_forward(
     tiles from ARCH_TILES; ``tile`` and ``blocks_per_multiprocessor`` (the split target) are
     for tuning.
     """
+    sequences_count = len(sequences.table)
+    max_keys = int(sequences.table[:, 4].max()) if sequences_count else 0
+    return _plan(
+        spec,
+        sequences.max_query_len,
+        sequences_count,
+        max_keys,
+        q_shape[0] * q_shape[1],
+        multiprocessors,
+        tile,
+        blocks_per_multiprocessor,
+        arch,
+    )
+
+
+# Decoding plans the same shapes step after step: the plan is kept, as choosing it again
+# cost tens of microseconds of a step's host time (CPU-measured). It depends only on its
+# arguments and the tile tables (ARCH_TILES and the rest), which do not change at run time.
+@functools.lru_cache(maxsize=1024)
+def _plan(
+    spec: AttentionSpec,
+    max_query_len: int,
+    sequences_count: int,
+    max_keys: int,
+    output_rows: int,
+    multiprocessors: int,
+    tile: Tile | None,
+    blocks_per_multiprocessor: int | None,
+    arch: str | None,
+) -> ForwardPlan:
     group = spec.num_heads_q // spec.num_heads_kv
     unpacked = forward_kernel(spec, tile=tile, arch=arch)
-    pack = unpacked.tensor_cores and group > 1 and sequences.max_query_len < unpacked.block_m
-    rows = sequences.max_query_len * (group if pack else 1)
+    pack = unpacked.tensor_cores and group > 1 and max_query_len < unpacked.block_m
+    rows = max_query_len * (group if pack else 1)
     decode = unpacked.tensor_cores and tile is None and rows <= DECODE_ROWS
     kernel = forward_kernel(spec, pack_gqa=pack, tile=tile, decode=decode, arch=arch)
     if blocks_per_multiprocessor is None:
@@ -312,10 +346,8 @@ def plan_forward(
             DECODE_BLOCKS_PER_MULTIPROCESSOR if decode else PREFILL_BLOCKS_PER_MULTIPROCESSOR
         )
     heads = spec.num_heads_kv if pack else spec.num_heads_q
-    sequences_count = len(sequences.table)
     grid = (-(-rows // kernel.block_m), heads, sequences_count)
     blocks = grid[0] * grid[1] * grid[2]
-    max_keys = int(sequences.table[:, 4].max()) if sequences_count else 0
     key_tiles = -(-max_keys // kernel.block_n)
     splits = 1
     target = blocks_per_multiprocessor * multiprocessors
@@ -324,9 +356,7 @@ def plan_forward(
         splits = max(1, min(target // blocks, key_tiles // 2, MAX_SPLITS))
     # spec.py keeps heads and sequences within the grid's limit; splits must stay within it too.
     splits = min(splits, MAX_GRID_YZ // max(sequences_count, 1))
-    return ForwardPlan(
-        kernel, (grid[0], heads, sequences_count * splits), splits, q_shape[0] * q_shape[1]
-    )
+    return ForwardPlan(kernel, (grid[0], heads, sequences_count * splits), splits, output_rows)
 
 
 @dataclass(frozen=True)

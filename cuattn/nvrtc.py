@@ -2,7 +2,9 @@
 
 The CUDA backend compiles with it at run time; the tests compile every instantiation with
 it for sm_80 and sm_90 on machines without a GPU and read ptxas's register and spill
-report. Same library, same options: what CI checks is what runs.
+report. Same library, same options; but releases differ (NVRTC 13.0 refused a generic lambda
+in device code that 13.5 took), so CI compiles every kernel with the oldest CUDA 13 release
+as well as the newest (.ci/run). ``$CUATTN_NVRTC`` names the library to use.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ class NvrtcError(RuntimeError):
 
 
 def _candidates() -> list[str]:
-    """Where libnvrtc may be: the nvidia-cuda-nvrtc wheel, CUDA_PATH, the loader's path."""
+    """Where libnvrtc may be: $CUATTN_NVRTC alone where set; else the nvidia-cuda-nvrtc
+    wheel, CUDA_PATH, the loader's path."""
+    if os.environ.get("CUATTN_NVRTC"):
+        return [os.environ["CUATTN_NVRTC"]]
     found = []
     for entry in sys.path:
         for pattern in ("nvidia/cu*/lib/libnvrtc.so*", "nvidia/cuda_nvrtc/lib/libnvrtc.so*"):
@@ -39,11 +44,22 @@ def _candidates() -> list[str]:
     return [path for path in found if "builtins" not in path and not path.endswith(".alt.so")]
 
 
+def _load_builtins_beside(candidate: str) -> None:
+    """Loads the libnvrtc-builtins beside a libnvrtc path, which libnvrtc opens by name when
+    it compiles: some wheels' libnvrtc (13.0's) has no RPATH to find it by."""
+    folder = os.path.dirname(candidate)
+    if not folder:
+        return
+    for builtins in sorted(glob.glob(os.path.join(folder, "libnvrtc-builtins.so.*"))):
+        ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     errors = []
     for candidate in _candidates():
         try:
+            _load_builtins_beside(candidate)
             lib = ctypes.CDLL(candidate)
         except OSError as error:
             errors.append(f"{candidate}: {error}")

@@ -112,6 +112,30 @@ def test_any_dlpack_producer_gives_numpy_results(rng):
     assert_close(out, attention_oracle(q, k, v)[0], np.float32)
 
 
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32", "int32"])
+def test_torch_tensors_are_read_as_dlpack_would_read_them(dtype_name):
+    # Plain tensors skip the DLPack export (its host time): the view must be the one the
+    # export gives, for views with offsets, negative-free odd strides and broadcast axes.
+    torch = pytest.importorskip("torch")
+    base = torch.arange(2 * 5 * 3 * 8).reshape(2, 5, 3, 8).to(getattr(torch, dtype_name))
+    for tensor in (base, base[:, 1:4].transpose(1, 2), base[..., ::2], base[:1].expand(4, 5, 3, 8)):
+        fast = interop._from_torch(tensor)
+        exported = import_array(tensor)
+        assert fast is not None and fast.owner is tensor
+        for field in ("ptr", "shape", "strides", "dtype", "device", "readonly"):
+            assert getattr(fast, field) == getattr(exported, field), field
+
+
+def test_torch_tensors_dlpack_would_refuse_go_through_dlpack():
+    torch = pytest.importorskip("torch")
+    plain = torch.randn(2, 3)
+    for tensor in (
+        plain.clone().requires_grad_(True),
+        torch.randn(2, 3, dtype=torch.cfloat).conj(),
+    ):
+        assert interop._from_torch(tensor) is None
+
+
 # --- the DLPack layer itself -------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import numpy as np
 import pytest
 
 from cuattn.backends.emulate import compiler
@@ -59,3 +60,16 @@ int main() {{
     assert {name: int(offset) for name, offset in offsets.items()} == {
         name: dtype.fields[name][1] for name, _ in fields
     }
+
+
+def test_the_packed_parameters_equal_the_numpy_record(rng):
+    # attention_params packs its values with struct (kernel_params._packer): the bytes
+    # must be those NumPy lays out for the same values, fields and padding.
+    from cuattn.kernel_params import _PARAMS_PACKER
+
+    integers = [int(x) for x in rng.integers(-(2**62), 2**62, len(FIELDS) - 2)]
+    integers[:11] = [abs(x) for x in integers[:11]]  # the pointers are unsigned
+    values = [*integers, float(rng.standard_normal()), float(rng.standard_normal())]
+    packed = np.frombuffer(bytearray(_PARAMS_PACKER.pack(*values)), PARAMS_DTYPE)
+    assert packed.tobytes() == np.array([tuple(values)], PARAMS_DTYPE).tobytes()
+    assert packed.shape == (1,) and packed.flags.writeable  # the CUDA backend sets splits in it

@@ -73,3 +73,18 @@ def test_the_packed_parameters_equal_the_numpy_record(rng):
     packed = np.frombuffer(bytearray(_PARAMS_PACKER.pack(*values)), PARAMS_DTYPE)
     assert packed.tobytes() == np.array([tuple(values)], PARAMS_DTYPE).tobytes()
     assert packed.shape == (1,) and packed.flags.writeable  # the CUDA backend sets splits in it
+
+
+def test_parameters_go_to_cupy_by_value_as_one_unstructured_value(rng):
+    # CuPy reads a by-value argument's address through __array_interface__; the view must be
+    # the record's own memory and bytes, one element, with no fields for it to spell out.
+    from cuattn.kernel_params import by_value
+
+    params = np.zeros(1, PARAMS_DTYPE)
+    params[0]["num_splits"] = int(rng.integers(2, 100))
+    value = by_value(params)
+    assert value.shape == (1,) and value.size == 1 and value.dtype.names is None
+    assert value.dtype.itemsize == PARAMS_DTYPE.itemsize and value.tobytes() == params.tobytes()
+    address = params.__array_interface__["data"][0]
+    assert value.__array_interface__["data"][0] == address
+    assert value.__array_interface__["descr"] == [("", f"|V{PARAMS_DTYPE.itemsize}")]

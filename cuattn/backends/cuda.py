@@ -19,7 +19,13 @@ from .. import nvrtc
 from ..cache import cached_file, digest
 from ..dlpack import RawArray
 from ..interop import cupy_stream
-from ..kernel_params import append_lengths, append_params, attention_params, merge_params
+from ..kernel_params import (
+    append_lengths,
+    append_params,
+    attention_params,
+    by_value,
+    merge_params,
+)
 from ..kernels import (
     AppendKernel,
     CombineKernel,
@@ -187,14 +193,17 @@ class CudaBackend:
                 params[0]["num_splits"], params[0]["split_rows"] = plan.num_splits, plan.split_rows
             kernel = plan.kernel
             self._function(kernel, device_id)(
-                plan.grid, (kernel.threads, 1, 1), (params,), shared_mem=kernel.shared_bytes
+                plan.grid,
+                (kernel.threads, 1, 1),
+                (by_value(params),),
+                shared_mem=kernel.shared_bytes,
             )
             if plan.num_splits > 1:
                 combine = plan.combine
                 self._function(combine, device_id)(
                     combine.grid(plan.split_rows, spec.num_heads_q),
                     (combine.threads, 1, 1),
-                    (params,),
+                    (by_value(params),),
                     shared_mem=combine.shared_bytes,
                 )
 
@@ -218,7 +227,7 @@ class CudaBackend:
             function(
                 kernel.grid(rows),
                 (kernel.threads, 1, 1),
-                (merge_params(out_a, lse_a, out_b, lse_b, out, lse),),
+                (by_value(merge_params(out_a, lse_a, out_b, lse_b, out, lse)),),
                 stream=cupy_stream(stream),
             )
 
@@ -254,5 +263,5 @@ class CudaBackend:
             self._function(kernel, k_cache.device.index)(
                 kernel.grid(batch, new_tokens),
                 (kernel.threads, 1, 1),
-                (append_params(k_cache, v_cache, k_new, v_new, lengths, filled),),
+                (by_value(append_params(k_cache, v_cache, k_new, v_new, lengths, filled)),),
             )

@@ -9,6 +9,7 @@ the caller's current stream; nothing synchronizes the device.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -28,6 +29,13 @@ from .dlpack import (
 )
 
 FRAMEWORKS = ("numpy", "cupy", "torch", "jax")
+
+
+@functools.cache
+def framework_module(name: str):
+    """A framework's module, imported at its first use (cuattn needs none of them) and kept:
+    importlib's lookup of an imported module takes microseconds, several times a call."""
+    return importlib.import_module(name)
 
 
 def _framework_of(name: str, array) -> str:
@@ -57,7 +65,7 @@ def current_stream(framework: str, device: Device) -> int | None:
     if device.kind != "cuda":
         return None
     if framework == "torch":
-        torch = importlib.import_module("torch")
+        torch = framework_module("torch")
         return _legacy_to_dlpack(torch.cuda.current_stream(device.index).cuda_stream)
     # CuPy users, and JAX, which exposes no stream: we run on CuPy's current stream and
     # DLPack makes JAX's pending work visible to it.
@@ -68,7 +76,7 @@ def current_stream(framework: str, device: Device) -> int | None:
 
 def _require_cupy():
     try:
-        return importlib.import_module("cupy")
+        return framework_module("cupy")
     except ImportError as error:
         raise RuntimeError(
             "arrays on a CUDA device need CuPy: pip install 'cuattn[cuda13]' (or [cuda12])"
@@ -177,7 +185,7 @@ def _from_torch(tensor) -> RawArray | None:
     DLPack's stream handshake has nothing to order here: a call runs on the tensor's
     device's current PyTorch stream, the stream it would hand to the export.
     """
-    torch = importlib.import_module("torch")
+    torch = framework_module("torch")
     dtype = _NUMPY_OF_TORCH.get(str(tensor.dtype))
     if (
         dtype is None
@@ -268,7 +276,7 @@ def empty(call: CallArrays, shape: tuple[int, ...], dtype: np.dtype) -> Result:
     shape = tuple(int(s) for s in shape)
     device = call.device
     if call.framework == "torch":
-        torch = importlib.import_module("torch")
+        torch = framework_module("torch")
         where = "cpu" if device.kind == "cpu" else f"cuda:{device.index}"
         tensor = torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[dtype.name]), device=where)
         if POISON_RESULTS:
@@ -322,7 +330,7 @@ def _cupy_empty(shape, dtype, device: Device) -> Result:
 
 
 def _to_jax(result: Result):
-    jax = importlib.import_module("jax")
+    jax = framework_module("jax")
     raw = result.raw
     wait = None
     if raw.device.kind == "cuda":

@@ -7,7 +7,6 @@ loaded module kept per device in this process. Launches go to the caller's strea
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing
 import threading
 import time
@@ -18,7 +17,7 @@ import numpy as np
 from .. import nvrtc
 from ..cache import cached_file, digest
 from ..dlpack import RawArray
-from ..interop import cupy_stream
+from ..interop import cupy_stream, framework_module
 from ..kernel_params import (
     append_lengths,
     append_params,
@@ -46,7 +45,7 @@ Kernel = ForwardKernel | CombineKernel | MergeKernel | AppendKernel
 
 
 def _cupy():
-    return importlib.import_module("cupy")
+    return framework_module("cupy")
 
 
 def _compile_into_cache(kernel: Kernel, arch: str) -> float:

@@ -22,6 +22,8 @@ QUICK="${QUICK:-}"
 STEPS="${STEPS:-compile demo tests tiles prefill decode memcheck racecheck memory}"
 WORK="$(mktemp -d)/gpu-check"
 mkdir -p "$OUT" "$WORK"
+# The script's own output (each step's limit, exit status and time) is packed with the logs.
+exec > >(tee "$WORK/gpu-check.log") 2>&1
 export CUATTN_CACHE_DIR="$WORK/cache"
 status=0
 

@@ -166,6 +166,12 @@ def _import(name: str, array, framework: str, stream: int | None) -> RawArray:
     if framework == "numpy":
         return from_numpy(array)
     if framework == "torch":
+        if array.is_neg():
+            # PyTorch's DLPack export hands over the memory without the negation (2.13).
+            raise TypeError(
+                f"{name}: is a lazily negated PyTorch view (its neg bit is set), which DLPack "
+                "would read un-negated; pass tensor.resolve_neg()"
+            )
         raw = _from_torch(array)
         if raw is not None:
             return raw
@@ -188,12 +194,13 @@ def _from_torch(tensor) -> RawArray | None:
     torch = framework_module("torch")
     dtype = _NUMPY_OF_TORCH.get(str(tensor.dtype))
     if (
-        dtype is None
+        dtype is None  # the real dtypes alone, so no conjugate bit
+        or type(tensor) not in (torch.Tensor, torch.nn.Parameter)  # no fake or traced tensors
         or tensor.layout is not torch.strided
         or tensor.requires_grad
-        or tensor.is_conj()
-        or tensor.is_neg()
+        or tensor.is_neg()  # a lazily negated view (_import refuses it)
         or tensor.device.type not in ("cpu", "cuda")
+        or torch.version.hip is not None  # "cuda" means a ROCm device there
     ):
         return None
     device = CPU if tensor.device.type == "cpu" else Device("cuda", tensor.device.index)
@@ -281,7 +288,7 @@ def empty(call: CallArrays, shape: tuple[int, ...], dtype: np.dtype) -> Result:
         tensor = torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[dtype.name]), device=where)
         if POISON_RESULTS:
             tensor.fill_(float("nan"))
-        return Result(_from_torch(tensor), tensor)
+        return Result(_from_torch(tensor) or import_array(tensor, stream=call.stream), tensor)
     if device.kind == "cpu":
         array = _aligned_host_empty(shape, dtype)
         if POISON_RESULTS:

@@ -305,36 +305,38 @@ def plan_forward(
     tiles from ARCH_TILES; ``tile`` and ``blocks_per_multiprocessor`` (the split target) are
     for tuning.
     """
-    sequences_count = len(sequences.table)
-    max_keys = int(sequences.table[:, 4].max()) if sequences_count else 0
-    return _plan(
-        spec,
-        sequences.max_query_len,
-        sequences_count,
-        max_keys,
-        q_shape[0] * q_shape[1],
-        multiprocessors,
-        tile,
-        blocks_per_multiprocessor,
-        arch,
+    kernel, row_blocks, heads, blocks_per_multiprocessor = _kernel_choice(
+        spec, sequences.max_query_len, tile, blocks_per_multiprocessor, arch
     )
+    sequences_count = len(sequences.table)
+    blocks = row_blocks * heads * sequences_count
+    max_keys = int(sequences.table[:, 4].max()) if sequences_count else 0
+    key_tiles = -(-max_keys // kernel.block_n)
+    splits = 1
+    target = blocks_per_multiprocessor * multiprocessors
+    if blocks and blocks < target and key_tiles >= 4:
+        # Enough blocks for every multiprocessor, each split at least two tiles long.
+        splits = max(1, min(target // blocks, key_tiles // 2, MAX_SPLITS))
+    # spec.py keeps heads and sequences within the grid's limit; splits must stay within it too.
+    splits = min(splits, MAX_GRID_YZ // max(sequences_count, 1))
+    grid = (row_blocks, heads, sequences_count * splits)
+    return ForwardPlan(kernel, grid, splits, q_shape[0] * q_shape[1])
 
 
-# Decoding plans the same shapes step after step: the plan is kept, as choosing it again
-# cost tens of microseconds of a step's host time (CPU-measured). It depends only on its
-# arguments and the tile tables (ARCH_TILES and the rest), which do not change at run time.
+# Decoding asks for the same kernel step after step (only the key count grows): the choice
+# is kept, as making it again cost tens of microseconds of a step's host time
+# (CPU-measured). It depends only on its arguments and the tile tables (ARCH_TILES and the
+# rest), which do not change at run time.
 @functools.lru_cache(maxsize=1024)
-def _plan(
+def _kernel_choice(
     spec: AttentionSpec,
     max_query_len: int,
-    sequences_count: int,
-    max_keys: int,
-    output_rows: int,
-    multiprocessors: int,
     tile: Tile | None,
     blocks_per_multiprocessor: int | None,
     arch: str | None,
-) -> ForwardPlan:
+) -> tuple[ForwardKernel, int, int, int]:
+    """The kernel, its blocks along the query rows, along the heads, and the blocks per
+    multiprocessor to aim for."""
     group = spec.num_heads_q // spec.num_heads_kv
     unpacked = forward_kernel(spec, tile=tile, arch=arch)
     pack = unpacked.tensor_cores and group > 1 and max_query_len < unpacked.block_m
@@ -346,17 +348,7 @@ def _plan(
             DECODE_BLOCKS_PER_MULTIPROCESSOR if decode else PREFILL_BLOCKS_PER_MULTIPROCESSOR
         )
     heads = spec.num_heads_kv if pack else spec.num_heads_q
-    grid = (-(-rows // kernel.block_m), heads, sequences_count)
-    blocks = grid[0] * grid[1] * grid[2]
-    key_tiles = -(-max_keys // kernel.block_n)
-    splits = 1
-    target = blocks_per_multiprocessor * multiprocessors
-    if blocks and blocks < target and key_tiles >= 4:
-        # Enough blocks for every multiprocessor, each split at least two tiles long.
-        splits = max(1, min(target // blocks, key_tiles // 2, MAX_SPLITS))
-    # spec.py keeps heads and sequences within the grid's limit; splits must stay within it too.
-    splits = min(splits, MAX_GRID_YZ // max(sequences_count, 1))
-    return ForwardPlan(kernel, (grid[0], heads, sequences_count * splits), splits, output_rows)
+    return kernel, -(-rows // kernel.block_m), heads, blocks_per_multiprocessor
 
 
 @dataclass(frozen=True)

@@ -126,14 +126,26 @@ def test_torch_tensors_are_read_as_dlpack_would_read_them(dtype_name):
             assert getattr(fast, field) == getattr(exported, field), field
 
 
-def test_torch_tensors_dlpack_would_refuse_go_through_dlpack():
+def test_torch_tensors_dlpack_would_refuse_or_treat_apart_go_through_dlpack():
+    # Read from its attributes, a lazily negated view would come in un-negated (as PyTorch's
+    # DLPack export hands it over: refused before either) and a meta tensor with an address
+    # it does not have (DLPack refuses it).
     torch = pytest.importorskip("torch")
-    plain = torch.randn(2, 3)
+    negated = torch.randn(4, dtype=torch.cfloat).conj().imag
+    assert negated.dtype == torch.float32 and negated.is_neg()
     for tensor in (
-        plain.clone().requires_grad_(True),
-        torch.randn(2, 3, dtype=torch.cfloat).conj(),
+        torch.randn(2, 3).requires_grad_(True),
+        negated,
+        torch.empty(2, 3, device="meta"),
+        torch.randn(2, 3, dtype=torch.cfloat),
     ):
         assert interop._from_torch(tensor) is None
+    q = torch.randn(1, 5, 2, 8)
+    with pytest.raises(TypeError, match="q: could not be read through DLPack"):
+        cuattn.attention(q.clone().requires_grad_(True), q, q)
+    with pytest.raises(TypeError, match=r"k: is a lazily negated PyTorch view .*resolve_neg"):
+        plain = torch.randn(1, 1, 1, 4)
+        cuattn.attention(plain, negated.reshape(1, 1, 1, 4), plain)
 
 
 # --- the DLPack layer itself -------------------------------------------------------------------

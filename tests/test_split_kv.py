@@ -82,7 +82,7 @@ def test_an_architectures_tile_replaces_the_tables_for_its_prefill(monkeypatch):
     tile = kernels.Tile(128, 32, 4, 2)
     monkeypatch.setitem(kernels.ARCH_TILES, "sm_90", {128: tile})
     kernels.all_kernels.cache_clear()  # it lists ARCH_TILES' instantiations
-    kernels._plan.cache_clear()  # and plans were made with the table as it was
+    kernels._kernel_choice.cache_clear()  # and kernels were chosen from the table as it was
     try:
 
         def prefill(dtype, head_dim, arch):
@@ -104,7 +104,7 @@ def test_an_architectures_tile_replaces_the_tables_for_its_prefill(monkeypatch):
         assert decoding.kernel.decode and decoding.kernel.block_m == kernels.DECODE_ROWS
     finally:
         kernels.all_kernels.cache_clear()
-        kernels._plan.cache_clear()
+        kernels._kernel_choice.cache_clear()
 
 
 @pytest.fixture

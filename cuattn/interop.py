@@ -126,7 +126,10 @@ def import_arrays(arrays: dict[str, object], *, writable: tuple[str, ...] = ()) 
     present = {name: a for name, a in arrays.items() if a is not None}
     first_name, first = next(iter(present.items()))
     framework = _framework_of(first_name, first)
-    device = _device_of(first_name, first)
+    # Plain PyTorch tensors are read from their attributes once, device included; None
+    # stands for the rest, which go through DLPack.
+    plain: dict[str, RawArray | None] = {}
+    device = None
     for name, array in present.items():
         other = _framework_of(name, array)
         if other != framework:
@@ -134,7 +137,10 @@ def import_arrays(arrays: dict[str, object], *, writable: tuple[str, ...] = ()) 
                 f"{name}: is a {other} array but {first_name} is a {framework} array; "
                 "pass all arrays of one call from the same framework"
             )
-        where = _device_of(name, array)
+        plain[name] = _from_torch(array) if framework == "torch" else None
+        where = plain[name].device if plain[name] is not None else _device_of(name, array)
+        if device is None:
+            device = where
         if where != device:
             raise ValueError(
                 f"{name}: is on {where} but {first_name} is on {device}; "
@@ -143,7 +149,7 @@ def import_arrays(arrays: dict[str, object], *, writable: tuple[str, ...] = ()) 
     stream = current_stream(framework, device)
     call = CallArrays(framework, device, stream, template=first)
     for name, array in present.items():
-        call.raw[name] = _import(name, array, framework, stream)
+        call.raw[name] = plain[name] or _import(name, array, framework, stream)
     for name in writable:
         if name in call.raw and (call.raw[name].readonly or framework == "jax"):
             raise TypeError(
@@ -172,9 +178,6 @@ def _import(name: str, array, framework: str, stream: int | None) -> RawArray:
                 f"{name}: is a lazily negated PyTorch view (its neg bit is set), which DLPack "
                 "would read un-negated; pass tensor.resolve_neg()"
             )
-        raw = _from_torch(array)
-        if raw is not None:
-            return raw
     try:
         return import_array(array, stream=stream)
     except (BufferError, RuntimeError) as error:

@@ -6,8 +6,10 @@ and to the emulated kernels (through ctypes or the sanitizer server).
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -79,11 +81,35 @@ def _packer(layout: np.dtype) -> struct.Struct:
 _PARAMS_PACKER = _packer(PARAMS_DTYPE)
 
 
+_PARAMS_NAMES = PARAMS_DTYPE.names  # a dtype's names are rebuilt on every access
+_FLOAT32 = struct.Struct("<f")
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 as NumPy rounds it: past float32's range it becomes inf
+    (which the kernels then see), where struct alone raises."""
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+@dataclass(frozen=True)
+class SplitWorkspace:
+    """Split-KV's float32 workspace (kernels/params.cuh): ``num_splits`` slots of
+    ``split_rows`` output rows, their outputs at device address ``out``, their lse at
+    ``lse``."""
+
+    num_splits: int
+    split_rows: int
+    out: int
+    lse: int
+
+
 def _aligned_16(raw: RawArray) -> bool:
     """Whether every row of every head starts on a 16-byte boundary."""
-    itemsize = raw.dtype.itemsize
-    strides = raw.strides[:-1]
-    return raw.ptr % 16 == 0 and all((s * itemsize) % 16 == 0 for s in strides)
+    # Each stride (in bytes) is a multiple of 16 exactly when their gcd is.
+    return raw.ptr % 16 == 0 and math.gcd(*raw.strides[:-1]) * raw.dtype.itemsize % 16 == 0
 
 
 def attention_params(
@@ -95,13 +121,15 @@ def attention_params(
     lse: RawArray | None,
     sinks: RawArray | None,
     sequences: Sequences,
+    split: SplitWorkspace | None = None,
 ) -> np.ndarray:
     """The kernel argument for one call. q, k, v, out are 4-D (batch, seqlen, heads, dim);
     lse is (batch, heads, seqlen); the kernel reads the lengths in ``sequences.lengths``
-    (they must live where the kernel runs)."""
+    (they must live where the kernel runs). ``split``: where split-KV's partial results go,
+    when the keys are split."""
     # Filled as a dict and packed once: assigning the fields of a NumPy record one by one
     # costs about a microsecond each, and this runs on every call (every decoding step).
-    p = dict.fromkeys(PARAMS_DTYPE.names, 0)
+    p = dict.fromkeys(_PARAMS_NAMES, 0)
     for name, raw in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("sinks", sinks)):
         p[name] = raw.ptr if raw is not None else 0
     for name in ("cu_seqlens_q", "cu_seqlens_k", "cache_seqlens"):
@@ -124,18 +152,16 @@ def attention_params(
     p["window_left"], p["window_right"] = spec.window_left, spec.window_right
     p["sink_tokens"] = spec.sink_tokens
     p["vector_loads"] = int(all(_aligned_16(raw) for raw in (q, k, v)))
-    # One split unless a backend plans more (and gives split_out / split_lse).
-    p["num_splits"] = 1
-    p["split_rows"] = q.shape[0] * q.shape[1]
+    p["num_splits"], p["split_rows"] = 1, q.shape[0] * q.shape[1]
+    if split is not None:
+        p["num_splits"], p["split_rows"] = split.num_splits, split.split_rows
+        p["split_out"], p["split_lse"] = split.out, split.lse
     if spec.softcap > 0:
         p["score_scale"] = spec.scale / spec.softcap
         p["softcap_log2"] = spec.softcap * LOG2E
     else:
         p["score_scale"] = spec.scale * LOG2E
-    # float32 as NumPy rounds it (a scale past its range becoming inf), where struct raises.
-    p["score_scale"], p["softcap_log2"] = map(
-        float, np.float32([p["score_scale"], p["softcap_log2"]])
-    )
+    p["score_scale"], p["softcap_log2"] = map(_float32, (p["score_scale"], p["softcap_log2"]))
     return np.frombuffer(bytearray(_PARAMS_PACKER.pack(*p.values())), PARAMS_DTYPE)
 
 
@@ -144,7 +170,12 @@ def by_value(params: np.ndarray) -> np.ndarray:
     value. CuPy takes a by-value argument's address from ``__array_interface__``, which for
     a record spells out every field: about 40 us for AttentionParams' 40 fields, against 1.6
     for this view (CPU-measured; the H200's profile of a decoding step had it on top)."""
-    return params.view(np.dtype((np.void, params.dtype.itemsize)))
+    return params.view(_unstructured(params.dtype.itemsize))
+
+
+@functools.cache
+def _unstructured(itemsize: int) -> np.dtype:
+    return np.dtype((np.void, itemsize))  # built once: a dtype costs about 3 us to make
 
 
 # kernels/combine.cu's MergeParams.

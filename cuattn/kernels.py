@@ -158,7 +158,7 @@ class ForwardKernel:
     def threads(self) -> int:
         return self.tile.warps * 32
 
-    @property
+    @functools.cached_property
     def shared_bytes(self) -> int:
         """Dynamic shared memory: a Q tile and a K and a V tile per stage, rows padded by
         16 bytes (tile.cuh's SharedTile)."""
@@ -167,7 +167,7 @@ class ForwardKernel:
         row_bytes = self.head_dim * itemsize + 16
         return (tile.block_m + 2 * tile.kv_stages * tile.block_n) * row_bytes
 
-    @property
+    @functools.cached_property  # the key of the loaded kernel, looked up every launch
     def name(self) -> str:
         """A key naming every parameter, usable as a C identifier."""
         flags = "".join(
@@ -243,7 +243,7 @@ class CombineKernel:
     params_type = "cuattn::AttentionParams"
     threads = 256  # combine.cu's kCombineThreads
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         return f"combine_{_SHORT[self.dtype]}"
 
@@ -251,7 +251,7 @@ class CombineKernel:
     def expression(self) -> str:
         return f"cuattn::combine_splits<{_DTYPE_NAMES[self.dtype]}>"
 
-    @property
+    @functools.cached_property
     def shared_bytes(self) -> int:
         """A float per split (up to MAX_SPLITS) and per warp, rounded up to 16 bytes, then a
         float4 per thread."""
@@ -283,7 +283,12 @@ class ForwardPlan:
 
     @property
     def combine(self) -> CombineKernel:
-        return CombineKernel(self.kernel.dtype)
+        return _combine_kernel(self.kernel.dtype)
+
+
+@functools.cache
+def _combine_kernel(dtype: str) -> CombineKernel:
+    return CombineKernel(dtype)  # one per dtype, its properties computed once
 
 
 def plan_forward(

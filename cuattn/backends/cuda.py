@@ -19,6 +19,7 @@ from ..cache import cached_file, digest
 from ..dlpack import RawArray
 from ..interop import cupy_stream, framework_module
 from ..kernel_params import (
+    SplitWorkspace,
     append_lengths,
     append_params,
     attention_params,
@@ -180,16 +181,20 @@ class CudaBackend:
                     )
                 lengths[name] = raw
             sequences = Sequences(sequences.kind, sequences.table, sequences.new_tokens, lengths)
-            params = attention_params(spec, q, k, v, out, lse, sinks, sequences)
+            split = None
             if plan.num_splits > 1:
+                # One allocation for both: outputs (16-byte aligned, as the combine kernel's
+                # float4 reads need), then the lse.
                 slots = plan.num_splits * plan.split_rows * spec.num_heads_q
-                split_out = cupy.empty(slots * spec.head_dim, cupy.float32)
-                split_lse = cupy.empty(slots, cupy.float32)
-                params[0]["split_out"], params[0]["split_lse"] = (
-                    split_out.data.ptr,
-                    split_lse.data.ptr,
+                workspace = cupy.empty(slots * (spec.head_dim + 1), cupy.float32)
+                out_bytes = slots * spec.head_dim * 4
+                split = SplitWorkspace(
+                    plan.num_splits,
+                    plan.split_rows,
+                    workspace.data.ptr,
+                    workspace.data.ptr + out_bytes,
                 )
-                params[0]["num_splits"], params[0]["split_rows"] = plan.num_splits, plan.split_rows
+            params = attention_params(spec, q, k, v, out, lse, sinks, sequences, split)
             kernel = plan.kernel
             self._function(kernel, device_id)(
                 plan.grid,

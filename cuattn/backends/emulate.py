@@ -31,7 +31,13 @@ import numpy as np
 
 from ..cache import cached_file, digest
 from ..dlpack import RawArray, from_numpy
-from ..kernel_params import append_lengths, append_params, attention_params, merge_params
+from ..kernel_params import (
+    SplitWorkspace,
+    append_lengths,
+    append_params,
+    attention_params,
+    merge_params,
+)
 from ..kernels import AppendKernel, MergeKernel, dtype_name, kernel_dir, plan_forward
 from ..spec import AttentionSpec, Sequences
 
@@ -402,7 +408,6 @@ class EmulateBackend:
         stream: int | None = None,
     ) -> None:
         plan = plan_forward(spec, sequences, q.shape, self.options.multiprocessors)
-        params = attention_params(spec, q, k, v, out, lse, sinks, sequences)
         arrays = {
             "q": q,
             "k": k,
@@ -413,7 +418,7 @@ class EmulateBackend:
             **sequences.lengths,
         }
         arrays = {name: raw for name, raw in arrays.items() if raw is not None}
-        writable = {"out", "lse"}
+        writable, split = {"out", "lse"}, None
         if plan.num_splits > 1:
             slots = plan.num_splits * plan.split_rows * spec.num_heads_q
             # Poisoned, like every result buffer: a slot no split wrote shows as NaN.
@@ -423,9 +428,11 @@ class EmulateBackend:
             }
             for name, array in workspace.items():
                 arrays[name] = from_numpy(array)
-                params[0][name] = arrays[name].ptr
-            params[0]["num_splits"], params[0]["split_rows"] = plan.num_splits, plan.split_rows
+            split = SplitWorkspace(
+                plan.num_splits, plan.split_rows, arrays["split_out"].ptr, arrays["split_lse"].ptr
+            )
             writable = set(workspace)
+        params = attention_params(spec, q, k, v, out, lse, sinks, sequences, split)
         # One library per (dtype, head dim): its flag variants compile together.
         variants = tuple(LibraryKernel(k.name, k.expression) for k in plan.kernel.variants())
         self.run_kernel(

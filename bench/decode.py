@@ -24,6 +24,7 @@ from .report import progress, publish, table, until_terminated
 HEADS_Q, HEAD_DIM = 32, 128
 # Caches larger than this share of the GPU's memory are skipped (with a note).
 MEMORY_SHARE = 0.6
+HOST_RUNS = 100  # calls timed back to back for the host-time columns
 
 
 def copy_bandwidth(torch) -> float:
@@ -113,14 +114,20 @@ def main(argv=None) -> int:
                         )
                         sdpa_time = None
                     step_us = round(time_cuda(step, runs=runs).median * 1e6, 1)
-                    # A decoding loop's lengths change from call to call: so do these.
+                    # A decoding loop's lengths change from call to call: so do these. More
+                    # calls than the GPU timings take: a host's time varies more, and each
+                    # call costs a fraction of a millisecond.
                     host_us = round(
-                        host_time(lambda i, f=ours, n=length: f(i, n=n - i % 8), runs=runs).median
+                        host_time(
+                            lambda i, f=ours, n=length: f(i, n=n - i % 8), runs=HOST_RUNS
+                        ).median
                         * 1e6,
                         1,
                     )
                     sdpa_host_us = (
-                        round(host_time(sdpa, runs=runs).median * 1e6, 1) if sdpa_time else None
+                        round(host_time(sdpa, runs=HOST_RUNS).median * 1e6, 1)
+                        if sdpa_time
+                        else None
                     )
                     rows.append(
                         dict(

@@ -235,13 +235,15 @@ def forward_kernel(
 @dataclass(frozen=True)
 class CombineKernel:
     """Split-KV's second kernel: merges the splits' states (combine.cu), a block per
-    (output row, head)."""
+    (output row, head, slice of ``columns`` head-dim columns)."""
 
     dtype: str
 
     source = "combine.cu"
     params_type = "cuattn::AttentionParams"
     threads = 256  # combine.cu's kCombineThreads
+    columns = 32  # kCombineColumns
+    shared_bytes = 2048  # a 32-byte SplitState per warp and group of 4 columns
 
     @functools.cached_property
     def name(self) -> str:
@@ -251,15 +253,8 @@ class CombineKernel:
     def expression(self) -> str:
         return f"cuattn::combine_splits<{_DTYPE_NAMES[self.dtype]}>"
 
-    @functools.cached_property
-    def shared_bytes(self) -> int:
-        """A float per split (up to MAX_SPLITS) and per warp, rounded up to 16 bytes, then a
-        float4 per thread."""
-        scalars = -(-(MAX_SPLITS + self.threads // 32) // 4) * 4
-        return 4 * scalars + 16 * self.threads
-
-    def grid(self, rows: int, heads: int) -> tuple[int, int, int]:
-        return (rows * heads, 1, 1)
+    def grid(self, rows: int, heads: int, head_dim: int) -> tuple[int, int, int]:
+        return (rows * heads * -(-head_dim // self.columns), 1, 1)
 
 
 # Grid dimensions y and z may not exceed this on any CUDA device.
@@ -268,7 +263,7 @@ MAX_GRID_YZ = 65535
 # default target this cap binds only for a launch of one block before splitting (multi-query
 # decoding of one sequence), where 128, the cap before, left a 132-multiprocessor GPU one
 # small block on each. More splits timed slower while combine_splits issued its loads one
-# after another (bench/NOTES.md); whether 512 pays now is for the next sweep.
+# after another (bench/NOTES.md, item 21 for the rewrite).
 MAX_SPLITS = 512
 
 

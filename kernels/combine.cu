@@ -64,113 +64,133 @@ __global__ void __launch_bounds__(128) merge_states(const MergeParams p) {
     }
 }
 
-// Threads per block of combine_splits (cuattn/kernels.py's CombineKernel.threads).
-constexpr int kCombineThreads = 256;
+// combine_splits' block (cuattn/kernels.py's CombineKernel): kCombineGroups groups of 4
+// head-dim columns (a slice of kCombineColumns columns) times kCombineSplitLanes lanes that
+// share out the splits. Eight groups side by side read a split's slice as 128 contiguous
+// bytes.
+constexpr int kCombineGroups = 8;
+constexpr int kCombineSplitLanes = 32;
+constexpr int kCombineThreads = kCombineGroups * kCombineSplitLanes;
+constexpr int kCombineColumns = 4 * kCombineGroups;
+constexpr int kCombineBatch = 8;  // splits a thread loads before it adds any of them
 
-// x reduced with `op` over the block; `scratch` holds a float per warp. Every thread gets
-// the result.
-template <int THREADS, class Op>
-__device__ __forceinline__ float block_reduce(float x, float* scratch, Op op) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) x = op(x, __shfl_xor_sync(kFullWarp, x, offset));
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-    __syncthreads();
-    x = scratch[0];
-#pragma unroll
-    for (int w = 1; w < THREADS / 32; ++w) x = op(x, scratch[w]);
-    __syncthreads();  // scratch may be reused
-    return x;
-}
+// Some splits of one row merged, over 4 columns: the largest lse among them, the sum of
+// exp(lse - top) over them, and their outputs weighted the same way. Merging is
+// associative, so the splits can be added in any grouping: one pass over them, no pass to
+// find the largest lse first. A split that saw no key (lse -inf) adds nothing; a NaN lse
+// or output makes the state NaN (fmaxf drops a NaN from `top`; the weight brings it back).
+struct alignas(16) SplitState {
+    float4 sum;
+    float top, total;
+
+    __device__ __forceinline__ static SplitState empty() {
+        return SplitState{{0.0f, 0.0f, 0.0f, 0.0f}, negative_infinity(), 0.0f};
+    }
+
+    __device__ __forceinline__ void add(float lse, const float4& out) { merge(SplitState{out, lse, 1.0f}); }
+
+    __device__ __forceinline__ void merge(const SplitState& other) {
+        const float merged_top = fmaxf(top, other.top);
+        // Weights against 0 when both states are empty: exp(-inf - 0) = 0, where -inf - -inf
+        // would be NaN. One select, no branch.
+        const float reference = merged_top == negative_infinity() ? 0.0f : merged_top;
+        const float mine = __expf(top - reference), theirs = __expf(other.top - reference);
+        sum.x = sum.x * mine + other.sum.x * theirs;
+        sum.y = sum.y * mine + other.sum.y * theirs;
+        sum.z = sum.z * mine + other.sum.z * theirs;
+        sum.w = sum.w * mine + other.sum.w * theirs;
+        total = total * mine + other.total * theirs;
+        top = merged_top;
+    }
+
+    __device__ __forceinline__ SplitState shuffled_xor(int lane_mask) const {
+        return SplitState{{__shfl_xor_sync(kFullWarp, sum.x, lane_mask), __shfl_xor_sync(kFullWarp, sum.y, lane_mask),
+                           __shfl_xor_sync(kFullWarp, sum.z, lane_mask), __shfl_xor_sync(kFullWarp, sum.w, lane_mask)},
+                          __shfl_xor_sync(kFullWarp, top, lane_mask), __shfl_xor_sync(kFullWarp, total, lane_mask)};
+    }
+};
 
 // Split-KV's second step: each (output row, head) merges the num_splits states that the
 // forward kernel left in the workspace (params.cuh: split_out, split_lse), and writes the
-// result where an unsplit launch would have. One block per (row, head), so that a
-// decoding step with few rows (batch 1: one row per head) still has many loads in flight:
-// the threads share out the splits to find the largest lse and each split's weight, then
-// take (split, 4 head-dim columns) pairs, one 16-byte load each, and add their partial
-// sums up in shared memory.
+// result where an unsplit launch would have. A block per (row, head, slice of
+// kCombineColumns columns), so that a decoding step with few rows (batch 1: one row per
+// head) still spreads over many multiprocessors; within it each lane takes every
+// kCombineSplitLanes-th split, kCombineBatch of them a time with all their loads issued
+// first, then the lanes merge their states (shuffles within a warp, then shared memory).
 //
-// Dynamic shared memory: a weight per split and a float per warp (CombineKernel.shared_bytes
-// sizes it for MAX_SPLITS), then a float4 per thread.
+// Dynamic shared memory: a SplitState per (warp, column group). A minimum of one block per
+// multiprocessor lets ptxas keep a batch's loads in registers (72) and issue them all
+// before the first add; left to aim at more blocks, it gave 36 registers and waited on
+// each load in turn.
 template <class Element>
-__global__ void __launch_bounds__(kCombineThreads) combine_splits(const AttentionParams p) {
+__global__ void __launch_bounds__(kCombineThreads, 1) combine_splits(const AttentionParams p) {
     using Traits = ElementTraits<Element>;
-    constexpr int kThreads = kCombineThreads;
-    constexpr int kWarps = kThreads / 32;
-    const int64 index = blockIdx.x;  // (row, head): row * num_heads_q + head
-    const int thread = int(threadIdx.x);
+    constexpr int kWarps = kCombineThreads / 32;
+    const unsigned slices = unsigned(p.head_dim + kCombineColumns - 1) / kCombineColumns;
+    const int64 index = blockIdx.x / slices;  // (row, head): row * num_heads_q + head
+    const int group = int(threadIdx.x) % kCombineGroups, lane = int(threadIdx.x) / kCombineGroups;
+    const int column = int(blockIdx.x % slices) * kCombineColumns + 4 * group;
+    // Head dims are multiples of 8 (spec.py): a group's 4 columns are all in or all out.
+    const bool in_head = column < p.head_dim;
     const int splits = int(p.num_splits);
     const int64 slots = p.split_rows * p.num_heads_q;  // slot of (split s, row, head): s * slots + index
     const float* split_lse = p.split_lse + index;
-
-    CUATTN_DYNAMIC_SHARED(float, shared);
-    const int scalars = (splits + kWarps + 3) / 4 * 4;  // keeps `partial` 16-byte aligned
-    if (CUATTN_DYNAMIC_SHARED_SIZE() < unsigned(4 * scalars + 16 * kThreads)) __trap();
-    float* weight = shared;
-    float* scratch = shared + splits;
-    float4* partial = reinterpret_cast<float4*>(shared + scalars);
-
-    float top = negative_infinity();
-    for (int s = thread; s < splits; s += kThreads) top = fmaxf(top, split_lse[s * slots]);
-    top = block_reduce<kThreads>(top, scratch, [](float a, float b) { return fmaxf(a, b); });
-    // A split's weight is exp(lse - top): 0 for a split that saw no key (lse -inf), NaN for
-    // a NaN state, so that NaN inputs give NaN rows split or not (fmaxf dropped the NaN from
-    // `top`; it comes back here). With no key anywhere top is -inf itself, and exponentiating
-    // against 0 keeps -inf - -inf from turning empty splits into NaN.
-    const float reference = top == negative_infinity() ? 0.0f : top;
-    float total = 0.0f;
-    for (int s = thread; s < splits; s += kThreads) {
-        weight[s] = __expf(split_lse[s * slots] - reference);
-        total += weight[s];
-    }
-    total = block_reduce<kThreads>(total, scratch, [](float a, float b) { return a + b; });
-    // No visible key in any split: zeros and lse -inf. (A NaN total is not empty.)
-    const bool empty = total == 0.0f;
-
-    // Thread = (split lane, column group): head dims are multiples of 8 (spec.py) and the
-    // workspace is 16-byte aligned, so a group of 4 columns is one aligned float4.
-    const int groups = int(p.head_dim / 4);
-    const int split_lanes = kThreads / groups;
-    const int group = thread % groups, split_lane = thread / groups;
-    const float4* split_out = reinterpret_cast<const float4*>(p.split_out + index * p.head_dim) + group;
+    // The workspace is 16-byte aligned and head_dim a multiple of 4: each group's columns
+    // are one aligned float4. A group past the head dim reads column 0's instead, and its
+    // state goes nowhere: every load is then unconditional, and all of a batch's loads are
+    // issued before the first is used (a branch around each split the loads apart).
+    const float4* split_out =
+        reinterpret_cast<const float4*>(p.split_out + index * p.head_dim + (in_head ? column : 0));
     const int64 split_stride = slots * p.head_dim / 4;  // in float4s
-    float4 sum = {0.0f, 0.0f, 0.0f, 0.0f};
-    const auto add = [&](float w, const float4& part) {
-        sum.x += w * part.x;
-        sum.y += w * part.y;
-        sum.z += w * part.z;
-        sum.w += w * part.w;
-    };
-    if (!empty && split_lane < split_lanes) {
-        // Four splits at a time, their loads independent of each other; then the rest.
-        int s = split_lane;
-        for (; s + 3 * split_lanes < splits; s += 4 * split_lanes) {
-            float4 part[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[i] = split_out[(s + i * split_lanes) * split_stride];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) add(weight[s + i * split_lanes], part[i]);
-        }
-        for (; s < splits; s += split_lanes) add(weight[s], split_out[s * split_stride]);
-    }
-    partial[thread] = sum;
-    __syncthreads();
-    if (split_lane > 0) return;
 
-    for (int lane = 1; lane < split_lanes; ++lane) add(1.0f, partial[lane * groups + group]);
+    CUATTN_DYNAMIC_SHARED(SplitState, warp_states);  // [kWarps][kCombineGroups]
+    if (CUATTN_DYNAMIC_SHARED_SIZE() < unsigned(sizeof(SplitState) * kWarps * kCombineGroups)) __trap();
+
+    SplitState state = SplitState::empty();
+    for (int first = lane; first < splits; first += kCombineBatch * kCombineSplitLanes) {
+        float lse[kCombineBatch];
+        float4 out[kCombineBatch];
+#pragma unroll
+        for (int i = 0; i < kCombineBatch; ++i) {
+            // Past the last split, the last one is read again and added as empty.
+            const int wanted = first + i * kCombineSplitLanes;
+            const int64 split = wanted < splits ? wanted : splits - 1;
+            lse[i] = split_lse[split * slots];
+            out[i] = split_out[split * split_stride];
+        }
+#pragma unroll
+        for (int i = 0; i < kCombineBatch; ++i) {
+            const bool real = first + i * kCombineSplitLanes < splits;
+            state.add(real ? lse[i] : negative_infinity(), real ? out[i] : float4{0.0f, 0.0f, 0.0f, 0.0f});
+        }
+    }
+
+    // A warp holds 4 lanes of each group: lanes 8 and 16 apart.
+#pragma unroll
+    for (int mask = kCombineGroups; mask < 32; mask *= 2) state.merge(state.shuffled_xor(mask));
+    const int warp = int(threadIdx.x) / 32;
+    if (threadIdx.x % 32 < kCombineGroups) warp_states[warp * kCombineGroups + group] = state;
+    __syncthreads();
+    if (threadIdx.x >= kCombineGroups) return;
+    for (int w = 1; w < kWarps; ++w) state.merge(warp_states[w * kCombineGroups + group]);
+
+    // No visible key in any split: zeros and lse -inf. (A NaN total is not empty.)
+    const bool empty = state.total == 0.0f;
     const unsigned heads = unsigned(p.num_heads_q);
     const int64 head = unsigned(index) % heads, row = unsigned(index) / heads;
     const int64 b = unsigned(row) / unsigned(p.seqlen_q), token = unsigned(row) % unsigned(p.seqlen_q);
-    Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + token * p.out_row_stride +
-                   head * p.out_head_stride + 4 * group;
-    const float inverse_total = empty ? 0.0f : 1.0f / total;
-    out[0] = Traits::from_float(sum.x * inverse_total);
-    out[1] = Traits::from_float(sum.y * inverse_total);
-    out[2] = Traits::from_float(sum.z * inverse_total);
-    out[3] = Traits::from_float(sum.w * inverse_total);
-    if (p.lse != nullptr && thread == 0) {
+    if (in_head) {
+        Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + token * p.out_row_stride +
+                       head * p.out_head_stride + column;
+        const float inverse_total = empty ? 0.0f : 1.0f / state.total;
+        out[0] = Traits::from_float(state.sum.x * inverse_total);
+        out[1] = Traits::from_float(state.sum.y * inverse_total);
+        out[2] = Traits::from_float(state.sum.z * inverse_total);
+        out[3] = Traits::from_float(state.sum.w * inverse_total);
+    }
+    if (p.lse != nullptr && column == 0) {
         p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + token] =
-            empty ? negative_infinity() : reference + __logf(total);
+            empty ? negative_infinity() : state.top + __logf(state.total);
     }
 }
 

@@ -157,8 +157,8 @@ def test_split_and_packed_decoding_matches_the_oracle(rng, emulate_options, plan
 @pytest.mark.emulate
 @pytest.mark.parametrize("head_dim", [8, 80, 256])
 def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, head_dim):
-    # The combine kernel spreads (split, 4 columns) over its threads: head dims whose column
-    # groups do not divide the block leave some threads idle.
+    # The combine kernel takes head dims in slices of 32 columns, 4 to a thread: head dims
+    # that are not a multiple of 32 leave part of the last slice's threads outside the head.
     emulate_options(multiprocessors=1000)
     q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 2, 2000, 1, 4, 2, head_dim, np.float16)
     lengths = np.array([1999, 1337], np.int32)
@@ -179,8 +179,9 @@ def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, 
     ],
 )
 def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned, backend):
-    # One block before splitting (a single KV head) over a long cache: more splits than the
-    # combine kernel has threads, so its threads take several splits each in every phase.
+    # One block before splitting (a single KV head) over a long cache: more splits than one
+    # batch of the combine kernel's lanes takes (32 lanes x 8), so each lane runs a second,
+    # partial batch.
     # The emulated GPU is given 1000 multiprocessors; a real one with 65 or more splits the
     # keys the same 259 ways (two key tiles a split is the bound, not the 4 blocks per
     # multiprocessor).

@@ -234,8 +234,9 @@ def forward_kernel(
 
 @dataclass(frozen=True)
 class CombineKernel:
-    """Split-KV's second kernel: merges the splits' states (combine.cu), a block per
-    (output row, head, slice of ``columns`` head-dim columns)."""
+    """Split-KV's second kernel: merges the splits' states (combine.cu). A block takes a
+    slice of ``columns`` head-dim columns of ``rows // lanes(splits)`` (output row, head)
+    pairs."""
 
     dtype: str
 
@@ -243,7 +244,9 @@ class CombineKernel:
     params_type = "cuattn::AttentionParams"
     threads = 256  # combine.cu's kCombineThreads
     columns = 32  # kCombineColumns
-    shared_bytes = 2048  # a 32-byte SplitState per warp and group of 4 columns
+    rows = 32  # kCombineRows: rows of threads, shared out among pairs
+    batch = 8  # kCombineBatch: splits a lane loads at once
+    shared_bytes = 8192  # a 32-byte SplitState per thread
 
     @functools.cached_property
     def name(self) -> str:
@@ -253,8 +256,18 @@ class CombineKernel:
     def expression(self) -> str:
         return f"cuattn::combine_splits<{_DTYPE_NAMES[self.dtype]}>"
 
-    def grid(self, rows: int, heads: int, head_dim: int) -> tuple[int, int, int]:
-        return (rows * heads * -(-head_dim // self.columns), 1, 1)
+    def lanes(self, splits: int) -> int:
+        """combine.cu's combine_lanes: lanes per pair, the fewest (a power of 2, at most
+        ``rows``) that take every split in one batch each."""
+        lanes = 1
+        while lanes < self.rows and lanes * self.batch < splits:
+            lanes *= 2
+        return lanes
+
+    def grid(self, rows: int, heads: int, head_dim: int, splits: int) -> tuple[int, int, int]:
+        pairs_per_block = self.rows // self.lanes(splits)
+        slices = -(-head_dim // self.columns)
+        return (-(-rows * heads // pairs_per_block) * slices, 1, 1)
 
 
 # Grid dimensions y and z may not exceed this on any CUDA device.

@@ -65,14 +65,24 @@ __global__ void __launch_bounds__(128) merge_states(const MergeParams p) {
 }
 
 // combine_splits' block (cuattn/kernels.py's CombineKernel): kCombineGroups groups of 4
-// head-dim columns (a slice of kCombineColumns columns) times kCombineSplitLanes lanes that
-// share out the splits. Eight groups side by side read a split's slice as 128 contiguous
-// bytes.
+// head-dim columns (a slice of kCombineColumns columns) times kCombineRows rows of threads.
+// The rows are shared out among (output row, head) pairs, combine_lanes(splits) rows each,
+// and the lanes of a pair share out its splits. Eight groups side by side read a split's
+// slice as 128 contiguous bytes.
 constexpr int kCombineGroups = 8;
-constexpr int kCombineSplitLanes = 32;
-constexpr int kCombineThreads = kCombineGroups * kCombineSplitLanes;
+constexpr int kCombineRows = 32;
+constexpr int kCombineThreads = kCombineGroups * kCombineRows;
 constexpr int kCombineColumns = 4 * kCombineGroups;
-constexpr int kCombineBatch = 8;  // splits a thread loads before it adds any of them
+constexpr int kCombineBatch = 8;  // splits a lane loads before it adds any of them
+
+// Lanes per (row, head): the fewest, in powers of 2 up to kCombineRows, that take all the
+// splits in one batch each. Few splits (many rows) then put many pairs in a block instead
+// of leaving most of its threads idle. CombineKernel.lanes computes the same for the grid.
+__host__ __device__ __forceinline__ int combine_lanes(int splits) {
+    int lanes = 1;
+    while (lanes < kCombineRows && lanes * kCombineBatch < splits) lanes *= 2;
+    return lanes;
+}
 
 // Some splits of one row merged, over 4 columns: the largest lse among them, the sum of
 // exp(lse - top) over them, and their outputs weighted the same way. Merging is
@@ -112,82 +122,89 @@ struct alignas(16) SplitState {
 
 // Split-KV's second step: each (output row, head) merges the num_splits states that the
 // forward kernel left in the workspace (params.cuh: split_out, split_lse), and writes the
-// result where an unsplit launch would have. A block per (row, head, slice of
-// kCombineColumns columns), so that a decoding step with few rows (batch 1: one row per
-// head) still spreads over many multiprocessors; within it each lane takes every
-// kCombineSplitLanes-th split, kCombineBatch of them a time with all their loads issued
-// first, then the lanes merge their states (shuffles within a warp, then shared memory).
+// result where an unsplit launch would have. A block takes kCombineRows / lanes pairs
+// (combine_lanes) and a slice of kCombineColumns columns, so that a decoding step with
+// few rows (batch 1: one row per head) still spreads over many multiprocessors and one
+// with many rows does not launch blocks of idle threads. Each lane takes every lanes-th
+// split of its pair, kCombineBatch of them a time with all their loads issued first; then
+// the lanes merge their states (shuffles within a warp, then shared memory).
 //
-// Dynamic shared memory: a SplitState per (warp, column group). A minimum of one block per
-// multiprocessor lets ptxas keep a batch's loads in registers (72) and issue them all
-// before the first add; left to aim at more blocks, it gave 36 registers and waited on
-// each load in turn.
+// Dynamic shared memory: a SplitState per (row of threads, column group). A minimum of
+// one block per multiprocessor lets ptxas keep a batch's loads in registers (72) and issue
+// them all before the first add; left to aim at more blocks, it gave 36 registers and
+// waited on each load in turn.
 template <class Element>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_splits(const AttentionParams p) {
     using Traits = ElementTraits<Element>;
-    constexpr int kWarps = kCombineThreads / 32;
-    const unsigned slices = unsigned(p.head_dim + kCombineColumns - 1) / kCombineColumns;
-    const int64 index = blockIdx.x / slices;  // (row, head): row * num_heads_q + head
-    const int group = int(threadIdx.x) % kCombineGroups, lane = int(threadIdx.x) / kCombineGroups;
-    const int column = int(blockIdx.x % slices) * kCombineColumns + 4 * group;
-    // Head dims are multiples of 8 (spec.py): a group's 4 columns are all in or all out.
-    const bool in_head = column < p.head_dim;
     const int splits = int(p.num_splits);
-    const int64 slots = p.split_rows * p.num_heads_q;  // slot of (split s, row, head): s * slots + index
-    const float* split_lse = p.split_lse + index;
+    const int lanes = combine_lanes(splits);
+    const unsigned slices = unsigned(p.head_dim + kCombineColumns - 1) / kCombineColumns;
+    const int group = int(threadIdx.x) % kCombineGroups, thread_row = int(threadIdx.x) / kCombineGroups;
+    const int lane = thread_row % lanes;
+    // (row, head) pair: row * num_heads_q + head
+    const int64 index = int64(blockIdx.x / slices) * (kCombineRows / lanes) + thread_row / lanes;
+    const int64 slots = p.split_rows * p.num_heads_q;  // slot of (split s, pair): s * slots + index
+    const int column = int(blockIdx.x % slices) * kCombineColumns + 4 * group;
+    // A pair past the last (the last block's spare rows) or a group past the head dim
+    // reads pair 0's column 0 instead, and its state goes nowhere: every load is then
+    // unconditional, and all of a batch's loads are issued before the first is used (a
+    // branch around each split the loads apart). Head dims are multiples of 8 (spec.py): a
+    // group's 4 columns are all in or all out.
+    const bool real = index < slots && column < p.head_dim;
+    const float* split_lse = p.split_lse + (real ? index : 0);
     // The workspace is 16-byte aligned and head_dim a multiple of 4: each group's columns
-    // are one aligned float4. A group past the head dim reads column 0's instead, and its
-    // state goes nowhere: every load is then unconditional, and all of a batch's loads are
-    // issued before the first is used (a branch around each split the loads apart).
+    // are one aligned float4.
     const float4* split_out =
-        reinterpret_cast<const float4*>(p.split_out + index * p.head_dim + (in_head ? column : 0));
+        reinterpret_cast<const float4*>(p.split_out + (real ? index * p.head_dim + column : 0));
     const int64 split_stride = slots * p.head_dim / 4;  // in float4s
 
-    CUATTN_DYNAMIC_SHARED(SplitState, warp_states);  // [kWarps][kCombineGroups]
-    if (CUATTN_DYNAMIC_SHARED_SIZE() < unsigned(sizeof(SplitState) * kWarps * kCombineGroups)) __trap();
+    CUATTN_DYNAMIC_SHARED(SplitState, row_states);  // [kCombineRows][kCombineGroups]
+    if (CUATTN_DYNAMIC_SHARED_SIZE() < unsigned(sizeof(SplitState) * kCombineThreads)) __trap();
 
     SplitState state = SplitState::empty();
-    for (int first = lane; first < splits; first += kCombineBatch * kCombineSplitLanes) {
+    for (int first = lane; first < splits; first += kCombineBatch * lanes) {
         float lse[kCombineBatch];
         float4 out[kCombineBatch];
 #pragma unroll
         for (int i = 0; i < kCombineBatch; ++i) {
             // Past the last split, the last one is read again and added as empty.
-            const int wanted = first + i * kCombineSplitLanes;
+            const int wanted = first + i * lanes;
             const int64 split = wanted < splits ? wanted : splits - 1;
-            lse[i] = split_lse[split * slots];
             out[i] = split_out[split * split_stride];
+            lse[i] = split_lse[split * slots];
         }
 #pragma unroll
         for (int i = 0; i < kCombineBatch; ++i) {
-            const bool real = first + i * kCombineSplitLanes < splits;
-            state.add(real ? lse[i] : negative_infinity(), real ? out[i] : float4{0.0f, 0.0f, 0.0f, 0.0f});
+            const bool taken = first + i * lanes < splits;
+            state.add(taken ? lse[i] : negative_infinity(), taken ? out[i] : float4{0.0f, 0.0f, 0.0f, 0.0f});
         }
     }
 
-    // A warp holds 4 lanes of each group: lanes 8 and 16 apart.
-#pragma unroll
-    for (int mask = kCombineGroups; mask < 32; mask *= 2) state.merge(state.shuffled_xor(mask));
-    const int warp = int(threadIdx.x) / 32;
-    if (threadIdx.x % 32 < kCombineGroups) warp_states[warp * kCombineGroups + group] = state;
-    __syncthreads();
-    if (threadIdx.x >= kCombineGroups) return;
-    for (int w = 1; w < kWarps; ++w) state.merge(warp_states[w * kCombineGroups + group]);
+    // A warp holds 4 rows of threads (8 and 16 lanes apart): those of one pair merge there.
+    for (int mask = kCombineGroups; mask < kCombineGroups * lanes && mask < 32; mask *= 2) {
+        state.merge(state.shuffled_xor(mask));
+    }
+    if (lanes > 4) {  // a pair spans lanes / 4 warps: their states meet in shared memory
+        if (thread_row % 4 == 0) row_states[threadIdx.x] = state;
+        __syncthreads();
+        if (lane == 0) {
+            for (int r = 4; r < lanes; r += 4) state.merge(row_states[threadIdx.x + r * kCombineGroups]);
+        }
+    }
+    if (lane != 0 || !real) return;
 
     // No visible key in any split: zeros and lse -inf. (A NaN total is not empty.)
     const bool empty = state.total == 0.0f;
     const unsigned heads = unsigned(p.num_heads_q);
     const int64 head = unsigned(index) % heads, row = unsigned(index) / heads;
     const int64 b = unsigned(row) / unsigned(p.seqlen_q), token = unsigned(row) % unsigned(p.seqlen_q);
-    if (in_head) {
-        Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + token * p.out_row_stride +
-                       head * p.out_head_stride + column;
-        const float inverse_total = empty ? 0.0f : 1.0f / state.total;
-        out[0] = Traits::from_float(state.sum.x * inverse_total);
-        out[1] = Traits::from_float(state.sum.y * inverse_total);
-        out[2] = Traits::from_float(state.sum.z * inverse_total);
-        out[3] = Traits::from_float(state.sum.w * inverse_total);
-    }
+    Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + token * p.out_row_stride +
+                   head * p.out_head_stride + column;
+    const float inverse_total = empty ? 0.0f : 1.0f / state.total;
+    out[0] = Traits::from_float(state.sum.x * inverse_total);
+    out[1] = Traits::from_float(state.sum.y * inverse_total);
+    out[2] = Traits::from_float(state.sum.z * inverse_total);
+    out[3] = Traits::from_float(state.sum.w * inverse_total);
     if (p.lse != nullptr && column == 0) {
         p.lse[b * p.lse_batch_stride + head * p.lse_head_stride + token] =
             empty ? negative_infinity() : state.top + __logf(state.total);

@@ -12,7 +12,7 @@ import pytest
 import cuattn
 from cuattn.backends import emulate
 from cuattn.dlpack import from_numpy
-from cuattn.kernels import MAX_SPLITS, plan_forward
+from cuattn.kernels import MAX_SPLITS, CombineKernel, plan_forward
 from cuattn.spec import MaskOptions, batched_sequences, kvcache_sequences, kvcache_spec
 
 from .helpers import DTYPES, assert_close, call, qkv, random_array
@@ -201,6 +201,24 @@ def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned, backend
         return_lse=True,
     )
     assert 256 < planned[-1].num_splits <= MAX_SPLITS
+    assert_close(out, expected[0], np.float16)
+    assert_close(lse, expected[1], np.float16, what="lse")
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("lanes, capacity", [(8, 3100), (16, 6450)])
+def test_the_combine_shares_a_block_among_pairs(rng, emulate_options, planned, lanes, capacity):
+    # Split counts whose lanes span several warps (8 and 16 lanes a pair: their states meet
+    # in shared memory), with 3 query heads: the last block's spare rows of threads have no
+    # pair to merge.
+    emulate_options(multiprocessors=1000)
+    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 1, capacity, 1, 3, 1, 64, np.float16)
+    lengths = np.array([capacity - 1], np.int32)
+    expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths)
+    out, lse = cuattn.attention_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, lengths, return_lse=True, backend="emulate"
+    )
+    assert CombineKernel("float16").lanes(planned[-1].num_splits) == lanes
     assert_close(out, expected[0], np.float16)
     assert_close(lse, expected[1], np.float16, what="lse")
 

@@ -205,7 +205,7 @@ class CudaBackend:
             if plan.num_splits > 1:
                 combine = plan.combine
                 self._function(combine, device_id)(
-                    combine.grid(plan.split_rows, spec.num_heads_q, spec.head_dim),
+                    combine.grid(plan.split_rows, spec.num_heads_q, spec.head_dim, plan.num_splits),
                     (combine.threads, 1, 1),
                     (by_value(params),),
                     shared_mem=combine.shared_bytes,

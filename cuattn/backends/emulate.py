@@ -453,7 +453,7 @@ class EmulateBackend:
                 (LibraryKernel(combine.name, combine.expression),),
                 combine.name,
                 params,
-                combine.grid(plan.split_rows, spec.num_heads_q, spec.head_dim),
+                combine.grid(plan.split_rows, spec.num_heads_q, spec.head_dim, plan.num_splits),
                 (combine.threads, 1, 1),
                 combine.shared_bytes,
                 arrays,

@@ -195,3 +195,28 @@ def test_a_tuned_plan_holds_inside_its_block_only():
         assert cuda.plan_forward.keywords == {"tile": Tile(128, 32, 4)}
         raise RuntimeError  # a failing case restores the table's plan too
     assert cuda.plan_forward is original
+
+
+def test_the_ncu_table_keeps_cuattns_launches_in_microseconds_and_megabytes():
+    from bench.decode_kernels import kernel_table
+
+    header = '"ID","Kernel Name","Grid Size","Metric Name","Metric Unit","Metric Value"'
+    lines = ["==PROF== Connected to process", header]
+    for launch, kernel, metrics in (
+        (0, "void at::normal_kernel(float)", (("gpu__time_duration.sum", "ns", "2,848"),)),
+        (
+            1,
+            "void cuattn::combine_splits<cuattn::bfloat16>(cuattn::AttentionParams)",
+            (
+                ("dram__bytes_read.sum", "Kbyte", "545.5"),
+                ("dram__bytes_write.sum", "byte", "0"),
+                ("gpu__time_duration.sum", "ns", "4,672"),
+            ),
+        ),
+    ):
+        for name, unit, value in metrics:
+            lines.append(f'"{launch}","{kernel}","(256, 1, 1)","{name}","{unit}","{value}"')
+    (row,) = kernel_table(lines)
+    assert row["id"] == 1 and row["grid"] == "(256, 1, 1)"
+    assert row["us"] == pytest.approx(4.672)
+    assert row["mb_read"] == pytest.approx(0.5455) and row["mb_written"] == 0

@@ -58,7 +58,9 @@ def run(targets: list[int | None]) -> None:
 def kernel_table(lines: list[str]) -> list[dict]:
     """One row per cuattn kernel launch in ncu's --csv output (other kernels left out):
     its ID, name, grid, microseconds, MB read and written."""
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise ValueError('no table of ncu --csv in it (a header line starting "ID")')
     launches: dict[str, dict] = {}
     for record in csv.DictReader(lines[start:]):
         if "cuattn::" not in record["Kernel Name"]:
@@ -85,7 +87,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.table:
         with open(args.table, errors="replace") as file:
-            rows = kernel_table(file.read().splitlines())
+            try:
+                rows = kernel_table(file.read().splitlines())
+            except ValueError as error:
+                parser.error(f"--table {args.table}: {error}")
         for row in rows:
             name = row["kernel"].split("(")[0].removeprefix("void ")[:90]
             print(

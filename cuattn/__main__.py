@@ -172,7 +172,17 @@ def main(argv=None) -> int:
     compile_parser.add_argument("--jobs", type=int, default=None, help="processes (default: CPUs)")
     bench_parser = commands.add_parser("bench", help="run a benchmark (see bench/)")
     bench_parser.add_argument(
-        "name", choices=["cpu", "prefill", "decode", "memory", "tiles", "key_loop", "resources"]
+        "name",
+        choices=[
+            "cpu",
+            "prefill",
+            "decode",
+            "decode_kernels",
+            "memory",
+            "tiles",
+            "key_loop",
+            "resources",
+        ],
     )
     bench_parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     args = parser.parse_args(argv)

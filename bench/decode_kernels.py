@@ -32,7 +32,10 @@ SHAPES = (  # batch, KV heads, cache length
     (64, 1, 4096),
 )
 HEADS_Q, HEAD_DIM, CALLS = 32, 128, 3
-_METRIC_SCALES = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3}
+_METRIC_SCALES = {
+    "ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+    "s": 1e6, "second": 1e6,
+}  # fmt: skip
 _BYTE_SCALES = {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3}
 
 

@@ -87,8 +87,10 @@ __host__ __device__ __forceinline__ int combine_lanes(int splits) {
 // Some splits of one row merged, over 4 columns: the largest lse among them, the sum of
 // exp(lse - top) over them, and their outputs weighted the same way. Merging is
 // associative, so the splits can be added in any grouping: one pass over them, no pass to
-// find the largest lse first. A split that saw no key (lse -inf) adds nothing; a NaN lse
-// or output makes the state NaN (fmaxf drops a NaN from `top`; the weight brings it back).
+// find the largest lse first. A split that saw no key (lse -inf) adds nothing, whatever
+// its output holds (so a row no split saw stays zeros, as an unsplit launch leaves it); a
+// NaN lse makes the whole state NaN (fmaxf drops it from `top`; its weight brings it back),
+// a NaN output the columns it is in.
 struct alignas(16) SplitState {
     float4 sum;
     float top, total;
@@ -97,7 +99,10 @@ struct alignas(16) SplitState {
         return SplitState{{0.0f, 0.0f, 0.0f, 0.0f}, negative_infinity(), 0.0f};
     }
 
-    __device__ __forceinline__ void add(float lse, const float4& out) { merge(SplitState{out, lse, 1.0f}); }
+    __device__ __forceinline__ void add(float lse, const float4& out) {
+        const bool saw_keys = lse != negative_infinity();  // a select: 0 x NaN would be NaN
+        merge(SplitState{saw_keys ? out : float4{0.0f, 0.0f, 0.0f, 0.0f}, lse, 1.0f});
+    }
 
     __device__ __forceinline__ void merge(const SplitState& other) {
         const float merged_top = fmaxf(top, other.top);
@@ -126,13 +131,14 @@ struct alignas(16) SplitState {
 // (combine_lanes) and a slice of kCombineColumns columns, so that a decoding step with
 // few rows (batch 1: one row per head) still spreads over many multiprocessors and one
 // with many rows does not launch blocks of idle threads. Each lane takes every lanes-th
-// split of its pair, kCombineBatch of them a time with all their loads issued first; then
-// the lanes merge their states (shuffles within a warp, then shared memory).
+// split of its pair, kCombineBatch of them a time, their loads issued before their adds;
+// then the lanes merge their states (shuffles within a warp, then shared memory).
 //
 // Dynamic shared memory: a SplitState per (row of threads, column group). A minimum of
-// one block per multiprocessor lets ptxas keep a batch's loads in registers (72) and issue
-// them all before the first add; left to aim at more blocks, it gave 36 registers and
-// waited on each load in turn.
+// one block per multiprocessor lets ptxas keep a batch's loads in registers (76) and issue
+// all 16 before the first exponential (SASS of NVRTC 13.5 for sm_90; which loads it holds
+// back has changed with small edits: bench/NOTES.md, item 21). Left to aim at more
+// blocks, it gave 36 registers and waited on each load in turn.
 template <class Element>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_splits(const AttentionParams p) {
     using Traits = ElementTraits<Element>;
@@ -147,8 +153,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_splits(const Atten
     const int column = int(blockIdx.x % slices) * kCombineColumns + 4 * group;
     // A pair past the last (the last block's spare rows) or a group past the head dim
     // reads pair 0's column 0 instead, and its state goes nowhere: every load is then
-    // unconditional, and all of a batch's loads are issued before the first is used (a
-    // branch around each split the loads apart). Head dims are multiples of 8 (spec.py): a
+    // unconditional, and ptxas can issue a batch's loads together (a branch around each
+    // split them apart). Head dims are multiples of 8 (spec.py): a
     // group's 4 columns are all in or all out.
     const bool real = index < slots && column < p.head_dim;
     const float* split_lse = p.split_lse + (real ? index : 0);
@@ -176,11 +182,12 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_splits(const Atten
 #pragma unroll
         for (int i = 0; i < kCombineBatch; ++i) {
             const bool taken = first + i * lanes < splits;
-            state.add(taken ? lse[i] : negative_infinity(), taken ? out[i] : float4{0.0f, 0.0f, 0.0f, 0.0f});
+            state.add(taken ? lse[i] : negative_infinity(), out[i]);
         }
     }
 
-    // A warp holds 4 rows of threads (8 and 16 lanes apart): those of one pair merge there.
+    // A warp holds 4 rows of threads, 8 and 16 warp lanes apart: those of one pair merge
+    // there.
     for (int mask = kCombineGroups; mask < kCombineGroups * lanes && mask < 32; mask *= 2) {
         state.merge(state.shuffled_xor(mask));
     }

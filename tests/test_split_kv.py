@@ -10,10 +10,18 @@ import numpy as np
 import pytest
 
 import cuattn
+from cuattn import backends
 from cuattn.backends import emulate
 from cuattn.dlpack import from_numpy
+from cuattn.kernel_params import SplitWorkspace, attention_params
 from cuattn.kernels import MAX_SPLITS, CombineKernel, plan_forward
-from cuattn.spec import MaskOptions, batched_sequences, kvcache_sequences, kvcache_spec
+from cuattn.spec import (
+    MaskOptions,
+    attention_spec,
+    batched_sequences,
+    kvcache_sequences,
+    kvcache_spec,
+)
 
 from .helpers import DTYPES, assert_close, call, qkv, random_array
 from .oracle import attention_oracle, kvcache_oracle
@@ -180,8 +188,8 @@ def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, 
 )
 def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned, backend):
     # One block before splitting (a single KV head) over a long cache: more splits than one
-    # batch of the combine kernel's lanes takes (32 lanes x 8), so each lane runs a second,
-    # partial batch.
+    # batch of the combine kernel's lanes takes (32 lanes x 8), so lanes 0-2 run a second
+    # batch.
     # The emulated GPU is given 1000 multiprocessors; a real one with 65 or more splits the
     # keys the same 259 ways (two key tiles a split is the bound, not the 4 blocks per
     # multiprocessor).
@@ -221,6 +229,88 @@ def test_the_combine_shares_a_block_among_pairs(rng, emulate_options, planned, l
     assert CombineKernel("float16").lanes(planned[-1].num_splits) == lanes
     assert_close(out, expected[0], np.float16)
     assert_close(lse, expected[1], np.float16, what="lse")
+
+
+def _combined(split_out, split_lse):
+    """The float64 merge of split states (splits, pairs, head_dim) / (splits, pairs): each
+    split weighted by exp(lse); a split with lse -inf counts for nothing, whatever its
+    output; a pair no split saw is zeros with lse -inf; a NaN lse makes its pair NaN."""
+    out = np.zeros(split_out.shape[1:])
+    lse = np.full(split_lse.shape[1], -np.inf)
+    for pair in range(split_lse.shape[1]):
+        seen = split_lse[:, pair] != -np.inf
+        if not seen.any():
+            continue
+        lses = split_lse[seen, pair]
+        top = np.nanmax(lses) if not np.isnan(lses).all() else 0.0
+        weights = np.exp(lses - top)
+        out[pair] = weights @ split_out[seen, pair] / weights.sum()
+        lse[pair] = top + np.log(weights.sum())
+    return out, lse
+
+
+@pytest.mark.emulate
+@pytest.mark.parametrize("splits", [3, 40, 300], ids=lambda s: f"{s}splits")
+def test_the_combine_merges_split_states_by_their_lse(rng, splits):
+    # The combine kernel alone, on a workspace written here: random states, some splits
+    # that saw no key (lse -inf) with garbage outputs, and three rows with a rule of their
+    # own. Lane counts 1, 8 and 32; head dim 40 is one whole and one partial slice.
+    batch, seqlen, heads, head_dim = 2, 3, 5, 40
+    pairs, rows = batch * seqlen * heads, batch * seqlen
+    split_out = rng.standard_normal((splits, pairs, head_dim)).astype(np.float32)
+    split_lse = rng.uniform(-20, 20, (splits, pairs)).astype(np.float32)
+    unseen = rng.random((splits, pairs)) < 0.3
+    split_lse[unseen] = -np.inf
+    split_out[unseen] = np.nan  # what a split that saw nothing wrote must not matter
+    split_lse[:, 0] = -np.inf  # pair 0: no split saw a key
+    split_lse[splits // 2, 1] = np.nan  # pair 1: a NaN state
+    split_out[-1, 2] = rng.standard_normal(head_dim)  # pair 2: a NaN in one column of a
+    split_out[-1, 2, 7] = np.nan  # split that saw keys
+    split_lse[-1, 2] = 1.0
+    q = np.zeros((batch, seqlen, heads, head_dim), np.float32)
+    kv = np.zeros((batch, 1, heads, head_dim), np.float32)
+    out = np.full((batch, seqlen, heads, head_dim), np.nan, np.float32)
+    lse = np.full((batch, heads, seqlen), np.nan, np.float32)
+    arrays = {
+        name: from_numpy(array)
+        for name, array in dict(
+            q=q,
+            k=kv,
+            v=kv,
+            out=out,
+            lse=lse,
+            split_out=split_out.reshape(-1),
+            split_lse=split_lse.reshape(-1),
+        ).items()
+    }
+    spec = attention_spec(arrays, MaskOptions())
+    workspace = SplitWorkspace(splits, rows, arrays["split_out"].ptr, arrays["split_lse"].ptr)
+    params = attention_params(
+        spec, *(arrays[n] for n in ("q", "k", "v", "out", "lse")), None,
+        batched_sequences(batch, seqlen, 1), workspace,
+    )  # fmt: skip
+    kernel = CombineKernel("float32")
+    backends.get("emulate").run_kernel(
+        (kernel.source,),
+        (emulate.LibraryKernel(kernel.name, kernel.expression),),
+        kernel.name,
+        params,
+        kernel.grid(rows, heads, head_dim, splits),
+        (kernel.threads, 1, 1),
+        kernel.shared_bytes,
+        arrays,
+        {"out", "lse"},
+    )
+    expected_out, expected_lse = _combined(
+        split_out.astype(np.float64), split_lse.astype(np.float64)
+    )
+    got_out = out.reshape(pairs, head_dim)  # pairs are (batch, row, head), as out's axes
+    got_lse = lse.transpose(0, 2, 1).reshape(pairs)
+    assert (got_out[0] == 0).all() and got_lse[0] == -np.inf
+    assert np.isnan(got_out[1]).all() and np.isnan(got_lse[1])
+    assert np.isnan(got_out[2, 7]) and np.isfinite(np.delete(got_out[2], 7)).all()
+    np.testing.assert_allclose(got_out, expected_out, rtol=1e-5, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(got_lse, expected_lse, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.gpu
@@ -284,3 +374,25 @@ def test_decoding_on_the_gpu_splits_a_long_cache_and_matches_the_oracle(rng, pla
     assert planned[-1].num_splits > 1 and planned[-1].kernel.pack_gqa == (dtype != np.float32)
     assert_close(out, expected[0], dtype)
     assert_close(lse, expected[1], dtype, what="lse")
+
+
+def test_the_combine_kernels_sizes_are_combine_cus():
+    # CombineKernel launches combine.cu's kernel with sizes it restates: they must agree.
+    import re
+
+    from cuattn.kernels import kernel_dir
+
+    source = (kernel_dir() / "combine.cu").read_text()
+
+    def constant(name):
+        return int(re.search(rf"constexpr int {name} = (\d+);", source).group(1))
+
+    kernel = CombineKernel("float16")
+    groups, rows = constant("kCombineGroups"), constant("kCombineRows")
+    assert (kernel.rows, kernel.batch) == (rows, constant("kCombineBatch"))
+    assert (kernel.columns, kernel.threads) == (4 * groups, groups * rows)
+    assert kernel.shared_bytes == 32 * kernel.threads  # a 32-byte SplitState per thread
+    # combine_lanes: the fewest lanes, a power of 2 up to kCombineRows, of one batch each.
+    assert [kernel.lanes(s) for s in (2, 8, 9, 16, 17, 128, 129, 256, 257, 512)] == [
+        1, 1, 2, 2, 4, 16, 32, 32, 32, 32
+    ]  # fmt: skip

@@ -88,9 +88,9 @@ __host__ __device__ __forceinline__ int combine_lanes(int splits) {
 // exp(lse - top) over them, and their outputs weighted the same way. Merging is
 // associative, so the splits can be added in any grouping: one pass over them, no pass to
 // find the largest lse first. A split that saw no key (lse -inf) adds nothing, whatever
-// its output holds (so a row no split saw stays zeros, as an unsplit launch leaves it); a
-// NaN lse makes the whole state NaN (fmaxf drops it from `top`; its weight brings it back),
-// a NaN output the columns it is in.
+// its output holds, so a row that no split saw stays zeros with lse -inf (the contract's
+// empty row). A NaN lse makes the whole state NaN (fmaxf drops it from `top`; its weight
+// brings it back), a NaN output the columns it is in.
 struct alignas(16) SplitState {
     float4 sum;
     float top, total;
@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_splits(const Atten
     // A pair past the last (the last block's spare rows) or a group past the head dim
     // reads pair 0's column 0 instead, and its state goes nowhere: every load is then
     // unconditional, and ptxas can issue a batch's loads together (a branch around each
-    // split them apart). Head dims are multiples of 8 (spec.py): a
-    // group's 4 columns are all in or all out.
+    // split them apart). Head dims are multiples of 8 (spec.py): a group's 4 columns are
+    // all in or all out.
     const bool real = index < slots && column < p.head_dim;
     const float* split_lse = p.split_lse + (real ? index : 0);
     // The workspace is 16-byte aligned and head_dim a multiple of 4: each group's columns

@@ -267,8 +267,9 @@ def test_the_combine_merges_split_states_by_their_lse(rng, splits):
     split_out[-1, 2] = rng.standard_normal(head_dim)  # pair 2: a NaN in one column of a
     split_out[-1, 2, 7] = np.nan  # split that saw keys
     split_lse[-1, 2] = 1.0
-    q = np.zeros((batch, seqlen, heads, head_dim), np.float32)
-    kv = np.zeros((batch, 1, heads, head_dim), np.float32)
+    # q, k and v only shape the call's parameters: the combine reads none of them.
+    q = rng.standard_normal((batch, seqlen, heads, head_dim)).astype(np.float32)
+    kv = rng.standard_normal((batch, 1, heads, head_dim)).astype(np.float32)
     out = np.full((batch, seqlen, heads, head_dim), np.nan, np.float32)
     lse = np.full((batch, heads, seqlen), np.nan, np.float32)
     arrays = {

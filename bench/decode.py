@@ -7,9 +7,10 @@ measured in the same run (issue 5's target: at least 80% on every row with B * l
 the ratio to PyTorch SDPA on the same cache (target 1.5x), and the seed's GQA table: decode
 time of MHA, GQA-8 and MQA for the same query heads, and each one's speed-up over MHA.
 Also the host time per call of cuattn and SDPA (launches back to back, no waiting): a
-call whose host time exceeds its GPU time is bound by the host; and the time of a whole
+call whose host time exceeds its GPU time is bound by the host; the time of a whole
 decoding step, this token's key and value appended to the cache in place, then attention
-over it.
+over it; and the call captured in a CUDA graph (device lengths, check_lengths=False:
+docs/graphs.md), its GPU time and the host time of a replay.
 
     python -m cuattn bench decode [--quick] [--out DIR]
 """
@@ -35,6 +36,17 @@ def copy_bandwidth(torch) -> float:
     target = torch.empty_like(source)
     timing = time_cuda(lambda i: target.copy_(source), runs=10)
     return 2 * source.numel() / timing.median
+
+
+def graph_times(function, runs: int) -> tuple[float, float]:
+    """Microseconds of GPU time and of host time per replay of ``function()`` captured in a
+    CUDA graph."""
+    from .timing_cuda import captured, host_time, time_cuda
+
+    replay = captured(function).replay
+    gpu = time_cuda(lambda i: replay(), runs=runs).median
+    host = host_time(lambda i: replay(), runs=HOST_RUNS).median
+    return round(gpu * 1e6, 1), round(host * 1e6, 1)
 
 
 def main(argv=None) -> int:
@@ -129,6 +141,15 @@ def main(argv=None) -> int:
                         if sdpa_time
                         else None
                     )
+                    device_lengths = torch.full((batch,), length, dtype=torch.int32).cuda()
+                    graph_us, graph_host_us = graph_times(
+                        lambda q=queries[0], k=k_cache, v=v_cache, n=device_lengths: (
+                            cuattn.attention_with_kvcache(
+                                q, k, v, None, None, n, check_lengths=False
+                            )
+                        ),
+                        runs,
+                    )
                     rows.append(
                         dict(
                             batch=batch,
@@ -142,6 +163,8 @@ def main(argv=None) -> int:
                             host_us=host_us,
                             sdpa_host_us=sdpa_host_us,
                             step_us=step_us,
+                            graph_us=graph_us,
+                            graph_host_us=graph_host_us,
                             timing=timing.as_dict(),
                         )
                     )
@@ -182,6 +205,8 @@ def main(argv=None) -> int:
             ("host_us", "host us per call"),
             ("sdpa_host_us", "SDPA host us per call"),
             ("step_us", "us with this step's append"),
+            ("graph_us", "us in a CUDA graph"),
+            ("graph_host_us", "host us per graph replay"),
         ],
     )
     gqa_text = table(

@@ -57,6 +57,22 @@ def host_time(function: Callable[[int], object], *, warmup: int = 3, runs: int =
     return timing
 
 
+def captured(function: Callable[[], object]):
+    """A PyTorch CUDA graph of ``function()``, run once on a side stream before the capture
+    (compiling and loading what it needs, as a capture cannot)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        function()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return graph
+
+
 def device_description() -> tuple[str, str]:
     """(device name, driver version)."""
     import cupy

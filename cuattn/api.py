@@ -16,6 +16,7 @@ from .spec import (
     check_merge,
     kvcache_sequences,
     kvcache_spec,
+    unread_kvcache_sequences,
     varlen_sequences,
     varlen_spec,
 )
@@ -50,6 +51,9 @@ def _run(
             call.raw.get("sinks"),
             sequences,
             call.stream,
+            # Scratch memory from the caller's framework, like the results: PyTorch keeps
+            # what a captured CUDA graph allocated for that graph.
+            allocate=lambda nbytes: interop.empty(call, (nbytes,), np.uint8),
         )
     return (out.array(), lse.array()) if lse is not None else out.array()
 
@@ -206,6 +210,7 @@ def attention_with_kvcache(
     sink_tokens: int = 0,
     sinks=None,
     return_lse: bool = False,
+    check_lengths: bool = True,
     backend: str = "auto",
 ):
     """Decode-time attention: append new keys and values to a cache in place, then attend.
@@ -218,6 +223,12 @@ def attention_with_kvcache(
         cache_seqlens: int32 (batch,) tokens already in each sequence's cache: an array of
             the caller's framework, or on the host (a NumPy array, a list, an int for all, None
             for a full cache). It is not changed by the call.
+        check_lengths: whether device-resident ``cache_seqlens`` are read back to the host
+            and checked (below). False skips that read, the call's one wait for the GPU:
+            the call is then planned for the caches' capacity, whatever the lengths, and can
+            be captured in a CUDA graph (docs/graphs.md). Lengths left unchecked that are
+            negative or pass the capacity give unspecified results, but nothing outside the
+            caches is read or written. Lengths held by the host are always checked.
         Other options as :func:`attention`; queries are aligned to the end of each
         sequence's keys, so a single decode query (seqlen_q = 1) stands at the newest one.
 
@@ -246,6 +257,12 @@ def attention_with_kvcache(
     raw = call.raw
     batch, capacity = raw["q"].shape[0], raw["k_cache"].shape[1]
     if host_lengths:
+        if cache_seqlens is not None:  # None, a full cache, is the same at every replay
+            _refuse_under_capture(
+                call,
+                "cache_seqlens: a CUDA graph would replay the lengths it was captured with; "
+                "pass them as a device array, with check_lengths=False",
+            )
         if cache_seqlens is None or isinstance(cache_seqlens, (int, np.integer)):
             fill = capacity if cache_seqlens is None else int(cache_seqlens)
             seqlens = np.full(batch, fill, np.int32)
@@ -254,18 +271,35 @@ def attention_with_kvcache(
         else:
             seqlens = np.asarray(cache_seqlens, np.int32)
         raw["cache_seqlens"] = from_numpy(seqlens)
-    else:
+    elif check_lengths or raw["cache_seqlens"].device.kind == "cpu":  # the latter costs no wait
+        _refuse_under_capture(
+            call,
+            "check_lengths: reading cache_seqlens back waits for the GPU, which a stream "
+            "capturing a CUDA graph cannot do; pass check_lengths=False",
+        )
         seqlens = interop.host_copy(call, "cache_seqlens")
+    else:
+        seqlens = None  # left on the device, unread
     options = MaskOptions(causal, window, scale, softcap, sink_tokens, return_lse)
     spec = kvcache_spec(raw, seqlens, options)
     engine = backends.select(backend, call.device)
-    new_tokens = 0
-    if "k_new" in raw:
-        new_tokens = raw["k_new"].shape[1]
-        if new_tokens and batch:
-            engine.append_kv(
-                raw["k_cache"], raw["v_cache"], raw["k_new"], raw["v_new"], seqlens, call.stream
-            )
+    new_tokens = raw["k_new"].shape[1] if "k_new" in raw else 0
+    if new_tokens and batch:
+        engine.append_kv(
+            raw["k_cache"],
+            raw["v_cache"],
+            raw["k_new"],
+            raw["v_new"],
+            raw["cache_seqlens"] if seqlens is None else seqlens,
+            call.stream,
+        )
+    lengths = {"cache_seqlens": raw["cache_seqlens"]}
+    if not check_lengths and engine.kernels_read_lengths:
+        # The same launch whatever the lengths: kernels sized for a full cache read each
+        # sequence's own (the numba backend computes from host lengths, which it always has).
+        sequences = unread_kvcache_sequences(batch, capacity, spec.seqlen_q, new_tokens, lengths)
+    else:
+        sequences = kvcache_sequences(seqlens, spec.seqlen_q, new_tokens, lengths)
     return _run(
         call,
         spec,
@@ -275,11 +309,14 @@ def attention_with_kvcache(
         raw["v_cache"],
         raw["q"].shape,
         (spec.batch, spec.num_heads_q, spec.seqlen_q),
-        kvcache_sequences(
-            seqlens, spec.seqlen_q, new_tokens, {"cache_seqlens": raw["cache_seqlens"]}
-        ),
+        sequences,
         engine,
     )
+
+
+def _refuse_under_capture(call: interop.CallArrays, message: str) -> None:
+    if interop.capturing(call):
+        raise ValueError(message)
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend: str = "auto"):

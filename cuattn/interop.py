@@ -253,6 +253,17 @@ def host_copy(call: CallArrays, name: str) -> np.ndarray:
         return as_cupy(raw).get(stream=cupy_stream(call.stream))
 
 
+def capturing(call: CallArrays) -> bool:
+    """Whether the call's stream is capturing a CUDA graph (never on the CPU)."""
+    if call.device.kind != "cuda":
+        return False
+    if call.framework == "torch":
+        return bool(framework_module("torch").cuda.is_current_stream_capturing())
+    cupy = _require_cupy()
+    with cupy.cuda.Device(call.device.index):
+        return cupy.cuda.runtime.streamIsCapturing(call.stream) != 0  # 0: not capturing
+
+
 # --- results --------------------------------------------------------------------------------
 
 

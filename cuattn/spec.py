@@ -352,10 +352,11 @@ def check_cache_step(raw: dict[str, RawArray], options: MaskOptions) -> dict:
 
 
 def kvcache_spec(
-    raw: dict[str, RawArray], cache_seqlens: np.ndarray, options: MaskOptions
+    raw: dict[str, RawArray], cache_seqlens: np.ndarray | None, options: MaskOptions
 ) -> AttentionSpec:
     """Validate a KV-cache call: check_cache_step's checks, then ``cache_seqlens`` (the
-    host copy, (B,)).
+    host copy, (B,), or None where the values are not read: their shape and dtype are
+    still checked).
 
     Overflow (a sequence whose new tokens would pass the cache's end) is caught here,
     before anything is written.
@@ -373,15 +374,17 @@ def kvcache_spec(
         )
     if seqlens_raw.dtype != np.int32:
         raise TypeError(f"cache_seqlens: dtype must be int32, got {seqlens_raw.dtype}")
-    if batch and cache_seqlens.min() < 0:
-        raise ValueError(f"cache_seqlens: lengths must be >= 0, got {int(cache_seqlens.min())}")
-    if batch and cache_seqlens.max() + new_len > capacity:
-        worst = int(np.argmax(cache_seqlens))
-        raise ValueError(
-            f"cache_seqlens: sequence {worst} holds {int(cache_seqlens[worst])} tokens and "
-            f"{new_len} new ones would pass the cache's capacity of {capacity} (k_cache.shape[1]); "
-            "nothing was written"
-        )
+    # Unread lengths (None) are clamped to the cache by the kernels that read them (params.cuh).
+    if cache_seqlens is not None and batch:
+        if cache_seqlens.min() < 0:
+            raise ValueError(f"cache_seqlens: lengths must be >= 0, got {int(cache_seqlens.min())}")
+        if cache_seqlens.max() + new_len > capacity:
+            worst = int(np.argmax(cache_seqlens))
+            raise ValueError(
+                f"cache_seqlens: sequence {worst} holds {int(cache_seqlens[worst])} tokens and "
+                f"{new_len} new ones would pass the cache's capacity of {capacity} "
+                "(k_cache.shape[1]); nothing was written"
+            )
     return AttentionSpec(
         batch=batch,
         seqlen_q=q.shape[1],
@@ -454,6 +457,19 @@ def kvcache_sequences(
     table[:, 2] = seqlen_q
     table[:, 4] = keys
     return Sequences("kvcache", table, new_tokens, lengths or {})
+
+
+def unread_kvcache_sequences(
+    batch: int, capacity: int, seqlen_q: int, new_tokens: int, lengths: dict
+) -> Sequences:
+    """KV caches whose lengths the host does not read: planned as if every sequence filled
+    its cache (the most keys it can have), each sequence's own count read by the kernels
+    from ``lengths``. The launch then depends on no length, as a captured CUDA graph's must."""
+    table = np.zeros((batch, 5), np.int64)
+    table[:, 0] = np.arange(batch)
+    table[:, 2] = seqlen_q
+    table[:, 4] = capacity
+    return Sequences("kvcache", table, new_tokens, lengths)
 
 
 def check_merge(raw: dict[str, RawArray]) -> None:

@@ -32,7 +32,8 @@ struct AttentionParams {
     int64 out_batch_stride, out_row_stride, out_head_stride;
     int64 lse_batch_stride, lse_head_stride;
     // seqlen_k: the keys of every sequence when no lengths are given (cu_seqlens_k and
-    // cache_seqlens null); for a cache filled to one length, that length, not its capacity.
+    // cache_seqlens null); for a cache filled to one length, that length, not its capacity;
+    // with cache_seqlens, the capacity.
     int64 batch, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim;
     int64 new_tokens;  // KV cache: keys per sequence = cache_seqlens[b] + new_tokens
     int64 window_left, window_right, sink_tokens;  // -1: unbounded
@@ -69,7 +70,14 @@ struct SequenceInfo {
             s.q_start = 0;
             s.q_len = p.seqlen_q;
             s.k_start = 0;
-            s.k_len = p.cache_seqlens != nullptr ? p.cache_seqlens[b] + p.new_tokens : p.seqlen_k;
+            s.k_len = p.seqlen_k;
+            if (p.cache_seqlens != nullptr) {
+                // Lengths read on the device may be unchecked (attention_with_kvcache's
+                // check_lengths=False, a captured CUDA graph): clamped to the cache (seqlen_k
+                // is its capacity then), so that no length makes a block read outside it.
+                const int64 keys = p.cache_seqlens[b] + p.new_tokens;
+                s.k_len = keys < 0 ? 0 : keys < p.seqlen_k ? keys : p.seqlen_k;
+            }
         }
         return s;
     }

@@ -73,3 +73,20 @@ def emulate_options():
 
     yield change
     backend.options = saved
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """Records the plans the emulation and CUDA backends launch."""
+    from cuattn.backends import cuda, emulate
+
+    plans = []
+    original = emulate.plan_forward
+
+    def spy(*args, **kwargs):
+        plans.append(original(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(emulate, "plan_forward", spy)
+    monkeypatch.setattr(cuda, "plan_forward", spy)
+    return plans

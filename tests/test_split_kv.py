@@ -115,23 +115,6 @@ def test_an_architectures_tile_replaces_the_tables_for_its_prefill(monkeypatch):
         kernels._kernel_choice.cache_clear()
 
 
-@pytest.fixture
-def planned(monkeypatch):
-    """Records the plans the emulation and CUDA backends launch."""
-    from cuattn.backends import cuda
-
-    plans = []
-    original = emulate.plan_forward
-
-    def spy(*args, **kwargs):
-        plans.append(original(*args, **kwargs))
-        return plans[-1]
-
-    monkeypatch.setattr(emulate, "plan_forward", spy)
-    monkeypatch.setattr(cuda, "plan_forward", spy)
-    return plans
-
-
 def _cache_step(rng, batch, capacity, new_tokens, heads_q, heads_kv, dim, dtype):
     """q, k_cache, v_cache, k_new, v_new of one decoding step, fresh random data."""
     q = random_array(rng, (batch, new_tokens, heads_q, dim), dtype)

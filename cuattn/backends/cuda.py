@@ -71,6 +71,7 @@ def precompile(
 
 class CudaBackend:
     name = "cuda"
+    kernels_read_lengths = True
 
     def __init__(self):
         self._functions: dict[tuple[str, int], object] = {}
@@ -151,7 +152,10 @@ class CudaBackend:
         sinks: RawArray | None,
         sequences: Sequences,
         stream: int | None = None,
+        allocate=None,
     ) -> None:
+        """``allocate(nbytes)``: device scratch memory (a result of interop.empty), by
+        default CuPy's."""
         cupy = _cupy()
         device_id = q.device.index
         with cupy.cuda.Device(device_id), cupy_stream(stream):
@@ -184,16 +188,20 @@ class CudaBackend:
             split = None
             if plan.num_splits > 1:
                 # One allocation for both: outputs (16-byte aligned, as the combine kernel's
-                # float4 reads need), then the lse.
+                # float4 reads need; allocators align more), then the lse. Held until both
+                # kernels are queued; the allocator reuses it in this stream's order.
                 slots = plan.num_splits * plan.split_rows * spec.num_heads_q
-                workspace = cupy.empty(slots * (spec.head_dim + 1), cupy.float32)
+                nbytes = slots * (spec.head_dim + 1) * 4
+                if allocate is None:
+                    workspace = cupy.empty(nbytes, cupy.uint8)
+                    base = workspace.data.ptr
+                else:
+                    workspace = allocate(nbytes)
+                    base = workspace.raw.ptr
+                if base % 16:
+                    raise RuntimeError(f"split workspace at {base:#x}: not 16-byte aligned")
                 out_bytes = slots * spec.head_dim * 4
-                split = SplitWorkspace(
-                    plan.num_splits,
-                    plan.split_rows,
-                    workspace.data.ptr,
-                    workspace.data.ptr + out_bytes,
-                )
+                split = SplitWorkspace(plan.num_splits, plan.split_rows, base, base + out_bytes)
             params = attention_params(spec, q, k, v, out, lse, sinks, sequences, split)
             kernel = plan.kernel
             self._function(kernel, device_id)(
@@ -241,16 +249,20 @@ class CudaBackend:
         v_cache: RawArray,
         k_new: RawArray,
         v_new: RawArray,
-        cache_seqlens: np.ndarray,
+        cache_seqlens: np.ndarray | RawArray,
         stream: int | None = None,
     ) -> None:
+        """``cache_seqlens``: host lengths, or the caller's device array, read by the kernel."""
         cupy = _cupy()
         batch, new_tokens = k_new.shape[:2]
         if batch * new_tokens == 0:  # nothing to write (and no grid of zero blocks)
             return
         kernel = AppendKernel(dtype_name(k_cache.dtype))
         with cupy.cuda.Device(k_cache.device.index), cupy_stream(stream):
-            lengths, (host_lengths, filled) = None, append_lengths(cache_seqlens)
+            if isinstance(cache_seqlens, RawArray):
+                lengths, host_lengths, filled = cache_seqlens, None, 0
+            else:
+                lengths, (host_lengths, filled) = None, append_lengths(cache_seqlens)
             if host_lengths is not None:
                 # Staged through pinned memory on the current stream, like the forward
                 # call's lengths; freed to CuPy's pool in stream order.

@@ -340,6 +340,7 @@ class _Server:
 
 class EmulateBackend:
     name = "emulate"
+    kernels_read_lengths = True
 
     def __init__(self):
         self.options = EmulationOptions.from_environment()
@@ -406,6 +407,7 @@ class EmulateBackend:
         sinks: RawArray | None,
         sequences: Sequences,
         stream: int | None = None,
+        allocate=None,  # the split workspace is its own, poisoned host memory
     ) -> None:
         plan = plan_forward(spec, sequences, q.shape, self.options.multiprocessors)
         arrays = {

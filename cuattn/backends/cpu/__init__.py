@@ -43,6 +43,7 @@ def _words(raw: RawArray) -> np.ndarray:
 
 class CpuBackend:
     name = "cpu"
+    kernels_read_lengths = False  # it computes from Sequences.table, exact host lengths
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -66,6 +67,7 @@ class CpuBackend:
         sinks: RawArray | None,
         sequences: Sequences,
         stream: int | None = None,
+        allocate=None,  # needs no scratch memory
     ) -> None:
         """Write attention of q over (k, v) into ``out`` (and ``lse`` if given).
 

@@ -32,6 +32,11 @@ struct ForwardLayout {
     static constexpr int kRows = 2 * kRowTiles;           // query rows per lane
     static constexpr int kKeyColumns = BLOCK_N / 4;       // score columns per lane
     static constexpr int kDimColumns = HEAD_DIM / 4;      // output columns per lane
+    // Head-dim steps of Q K^T unrolled into one basic block. Where the output accumulators
+    // and the scores already take 192 of a lane's 255 registers, one step at a time: fully
+    // unrolled, ptxas issues later steps' ldmatrix ahead of the first mma and runs out of
+    // registers for them (bench/NOTES.md item 22).
+    static constexpr int kScoreUnroll = kRows * (kDimColumns + kKeyColumns) >= 192 ? 1 : HEAD_DIM / 16;
     using QTile = SharedTile<Element, BLOCK_M, HEAD_DIM>;
     using KVTile = SharedTile<Element, BLOCK_N, HEAD_DIM>;
     static constexpr int kSharedBytes = QTile::kBytes + 2 * KV_STAGES * KVTile::kBytes;
@@ -304,7 +309,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
         // ptxas can issue the next ldmatrix while the mma before it runs. Each K fragment is
         // read from shared memory once for all the warp's m16 tiles: with two tiles a warp
         // reads half the K bytes per mma (the reason for 32 rows a warp).
-#pragma unroll
+#pragma unroll(Layout::kScoreUnroll)
         for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
             uint32 a[Layout::kRowTiles][4];
 #pragma unroll

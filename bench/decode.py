@@ -38,12 +38,17 @@ def copy_bandwidth(torch) -> float:
     return 2 * source.numel() / timing.median
 
 
-def graph_times(function, runs: int) -> tuple[float, float]:
+def graph_times(function, runs: int) -> tuple[float | str, float | str]:
     """Microseconds of GPU time and of host time per replay of ``function()`` captured in a
-    CUDA graph."""
+    CUDA graph; where the capture fails, why (the rest of the run goes on)."""
     from .timing_cuda import captured, host_time, time_cuda
 
-    replay = captured(function).replay
+    try:
+        replay = captured(function).replay
+    except Exception as failure:  # the framework's or the driver's own exception types
+        reason = f"capture failed: {type(failure).__name__}"
+        print(f"  {reason}: {str(failure).splitlines()[0][:100]}")
+        return reason, reason
     gpu = time_cuda(lambda i: replay(), runs=runs).median
     host = host_time(lambda i: replay(), runs=HOST_RUNS).median
     return round(gpu * 1e6, 1), round(host * 1e6, 1)

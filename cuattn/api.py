@@ -53,7 +53,7 @@ def _run(
             call.stream,
             # Scratch memory from the caller's framework, like the results: PyTorch keeps
             # what a captured CUDA graph allocated for that graph.
-            allocate=lambda nbytes: interop.empty(call, (nbytes,), np.uint8),
+            allocate=lambda count: interop.empty(call, (count,), np.float32).raw,
         )
     return (out.array(), lse.array()) if lse is not None else out.array()
 
@@ -232,9 +232,10 @@ def attention_with_kvcache(
         Other options as :func:`attention`; queries are aligned to the end of each
         sequence's keys, so a single decode query (seqlen_q = 1) stands at the newest one.
 
-    A write that would pass the capacity raises ValueError before anything is written.
-    With device-resident ``cache_seqlens`` that check reads them back to the host once;
-    host lengths avoid that wait.
+    A write that would pass the capacity raises ValueError before anything is written
+    (unless ``check_lengths=False`` leaves device lengths unread). With device-resident
+    ``cache_seqlens`` that check reads them back to the host once; host lengths avoid that
+    wait.
     """
     # Lengths kept on the host (an int, a list, a NumPy array) need no device round trip,
     # whatever framework the tensors come from.
@@ -294,9 +295,9 @@ def attention_with_kvcache(
             call.stream,
         )
     lengths = {"cache_seqlens": raw["cache_seqlens"]}
-    if not check_lengths and engine.kernels_read_lengths:
-        # The same launch whatever the lengths: kernels sized for a full cache read each
-        # sequence's own (the numba backend computes from host lengths, which it always has).
+    if seqlens is None:
+        # The same launch whatever the lengths: kernels sized for full caches read each
+        # sequence's own.
         sequences = unread_kvcache_sequences(batch, capacity, spec.seqlen_q, new_tokens, lengths)
     else:
         sequences = kvcache_sequences(seqlens, spec.seqlen_q, new_tokens, lengths)

@@ -254,14 +254,13 @@ def host_copy(call: CallArrays, name: str) -> np.ndarray:
 
 
 def capturing(call: CallArrays) -> bool:
-    """Whether the call's stream is capturing a CUDA graph (never on the CPU)."""
+    """Whether the call's stream, on the call's device, is capturing a CUDA graph (never on
+    the CPU)."""
     if call.device.kind != "cuda":
         return False
-    if call.framework == "torch":
-        return bool(framework_module("torch").cuda.is_current_stream_capturing())
     cupy = _require_cupy()
-    with cupy.cuda.Device(call.device.index):
-        return cupy.cuda.runtime.streamIsCapturing(call.stream) != 0  # 0: not capturing
+    with cupy.cuda.Device(call.device.index):  # a legacy-stream handle means this device's
+        return bool(cupy.cuda.runtime.streamIsCapturing(call.stream))
 
 
 # --- results --------------------------------------------------------------------------------

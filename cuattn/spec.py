@@ -358,8 +358,8 @@ def kvcache_spec(
     host copy, (B,), or None where the values are not read: their shape and dtype are
     still checked).
 
-    Overflow (a sequence whose new tokens would pass the cache's end) is caught here,
-    before anything is written.
+    Overflow (a sequence whose new tokens would pass the cache's end) is caught here, where
+    the lengths are read, before anything is written.
     """
     resolved = check_cache_step(raw, options)
     q, k_cache = raw["q"], raw["k_cache"]

@@ -24,9 +24,9 @@ def spy(monkeypatch):
     backend = cuattn.backends.get("cuda")
     original = backend.forward
 
-    def forward(spec, q, k, v, out, lse, sinks, sequences, stream=None):
+    def forward(spec, q, k, v, out, lse, sinks, sequences, stream=None, allocate=None):
         seen.update(q=q, k=k, v=v, out=out, lse=lse, stream=stream)
-        return original(spec, q, k, v, out, lse, sinks, sequences, stream)
+        return original(spec, q, k, v, out, lse, sinks, sequences, stream, allocate)
 
     monkeypatch.setattr(backend, "forward", forward)
     return seen

@@ -24,9 +24,9 @@ def spy(monkeypatch):
     backend = backends.get("cpu")
     original = backend.forward
 
-    def forward(spec, q, k, v, out, lse, *rest):
+    def forward(spec, q, k, v, out, lse, *rest, **options):
         seen.update(q=q, k=k, v=v, out=out, lse=lse)
-        return original(spec, q, k, v, out, lse, *rest)
+        return original(spec, q, k, v, out, lse, *rest, **options)
 
     monkeypatch.setattr(backend, "forward", forward)
     return seen

@@ -146,6 +146,37 @@ def test_split_and_packed_decoding_matches_the_oracle(rng, emulate_options, plan
 
 
 @pytest.mark.emulate
+def test_the_split_workspace_comes_from_the_callers_framework(rng, emulate_options, planned):
+    # PyTorch tensors (on the CPU, through the emulated kernels): the workspace is a tensor
+    # too, as a CUDA graph needs (docs/graphs.md), poisoned like every result.
+    torch = pytest.importorskip("torch")
+    from cuattn import interop
+
+    emulate_options(multiprocessors=1000)
+    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 2, 900, 1, 4, 1, 64, np.float32)
+    lengths = np.array([899, 450], np.int32)
+    expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, causal=True)
+    allocated = []
+    original = interop.empty
+
+    def spy(call, shape, dtype):
+        allocated.append((call.framework, shape, np.dtype(dtype)))
+        return original(call, shape, dtype)
+
+    arrays = [torch.from_numpy(a.copy()) for a in (q, k_cache, v_cache, k_new, v_new)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(interop, "empty", spy)
+        out = cuattn.attention_with_kvcache(
+            *arrays, torch.from_numpy(lengths), causal=True, backend="emulate"
+        )
+    plan = planned[-1]
+    slots = plan.num_splits * plan.split_rows * 4
+    assert plan.num_splits > 1 and isinstance(out, torch.Tensor)
+    assert ("torch", (slots * 65,), np.dtype(np.float32)) in allocated
+    assert_close(out.numpy(), expected[0], np.float32)
+
+
+@pytest.mark.emulate
 @pytest.mark.parametrize("head_dim", [8, 80, 256])
 def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, head_dim):
     # The combine kernel takes head dims in slices of 32 columns, 4 to a thread: head dims

@@ -1,6 +1,6 @@
-"""KV-cache calls whose lengths the host does not read (check_lengths=False): planned for
-the caches' capacity, each sequence's length read by the kernels, and so capturable in a
-CUDA graph (docs/graphs.md)."""
+"""KV-cache calls whose device lengths the host does not read (check_lengths=False):
+planned for the caches' capacity, each sequence's length read by the kernels, and so
+capturable in a CUDA graph (docs/graphs.md)."""
 
 from __future__ import annotations
 
@@ -21,31 +21,24 @@ def _decode_step(rng, batch, capacity, seqlen, heads_q, heads_kv, head_dim, dtyp
     return q, *caches, *new
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "cpu",
-        pytest.param("emulate", marks=pytest.mark.emulate),
-        pytest.param("cuda", marks=pytest.mark.gpu),
-    ],
-)
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_unchecked_lengths_give_the_checked_result(rng, emulate_options, planned, backend, dtype):
-    # Lengths far below the capacity: a launch sized for full caches gives the short
-    # sequence splits that see no key at all, which the combine must leave out.
-    emulate_options(multiprocessors=1000)  # splits bound by the keys, not the GPU
+def test_unchecked_device_lengths_give_the_checked_result(rng, planned, dtype):
+    # Lengths far below the capacity: the launch sized for full caches gives the short
+    # sequences splits that see no key at all, which the combine must leave out.
+    skip_if_unavailable("cuda")
     capacity, lengths = 1200, np.array([37, 900, 0], np.int32)
     q, k_cache, v_cache, k_new, v_new = _decode_step(rng, 3, capacity, 2, 8, 2, 64, dtype)
     options = dict(causal=True, window=(500, 0), sink_tokens=3)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, **options)
     results = {}
     for check in (False, True):
-        caches = [k_cache.copy(), v_cache.copy()]
         results[check] = call(
             cuattn.attention_with_kvcache,
-            backend,
+            "cuda",
             q,
-            *caches,
+            k_cache,
+            v_cache,
             k_new,
             v_new,
             lengths,
@@ -53,15 +46,12 @@ def test_unchecked_lengths_give_the_checked_result(rng, emulate_options, planned
             return_lse=True,
             **options,
         )
-        if backend != "cuda":  # host caches, written in place
-            np.testing.assert_array_equal(caches[0], expected[2])
-            np.testing.assert_array_equal(caches[1], expected[3])
-    if backend != "cpu":  # the numba backend plans nothing: it computes from host lengths
-        unchecked, checked = planned
-        assert unchecked.num_splits > checked.num_splits > 1, "planned for full caches"
-    out, lse = results[False]
-    assert_close(out, expected[0], dtype)
-    assert_close(lse, expected[1], dtype, what="lse")
+    unchecked, checked = planned
+    assert unchecked.num_splits > checked.num_splits, "planned for full caches"
+    for out, lse in results.values():
+        assert_close(out, expected[0], dtype)
+        assert_close(lse, expected[1], dtype, what="lse")
+    np.testing.assert_array_equal(results[False][0], results[True][0])
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("emulate", marks=pytest.mark.emulate)])
@@ -85,21 +75,25 @@ def test_host_lengths_are_checked_even_when_told_not_to(rng, backend):
 
 
 @pytest.mark.emulate
-def test_kernels_clamp_lengths_they_read_to_the_cache(rng):
-    """What the API would refuse, handed straight to the emulated kernels under the
-    sanitizer: a length past the capacity reads the whole cache and nothing after it (without
-    the clamp in params.cuh the last sequence's keys run off its end), a negative one reads
-    nothing."""
+def test_kernels_plan_for_the_capacity_and_clamp_the_lengths_they_read(
+    rng, emulate_options, planned
+):
+    """Unread lengths as the API hands them to the kernels, some of them ones it would
+    refuse, run under the sanitizer: the launch is sized for full caches (so the short
+    sequences have splits that see no key), a length past the capacity reads the whole cache
+    and nothing after it (without the clamp in params.cuh the last sequence's keys run off its
+    end), a negative one reads nothing."""
     skip_if_unavailable("emulate")
     from cuattn import backends
     from cuattn.dlpack import from_numpy
     from cuattn.spec import MaskOptions, kvcache_spec, unread_kvcache_sequences
 
-    capacity, new_tokens = 64, 2
-    q, k_cache, v_cache, _, _ = _decode_step(rng, 3, capacity, 1, 4, 2, 32, np.float16)
-    lengths = np.array([-5, 40, capacity + 7], np.int32)
+    emulate_options(multiprocessors=1000)  # splits bound by the keys, not the GPU
+    capacity, new_tokens = 700, 2
+    q, k_cache, v_cache, _, _ = _decode_step(rng, 4, capacity, 1, 4, 2, 32, np.float16)
+    lengths = np.array([-5, 40, 300, capacity + 7], np.int32)
     out = np.full(q.shape, np.nan, np.float16)
-    lse = np.full((3, 4, 1), np.nan, np.float32)
+    lse = np.full((4, 4, 1), np.nan, np.float32)
     raw = {
         name: from_numpy(array)
         for name, array in dict(
@@ -108,7 +102,7 @@ def test_kernels_clamp_lengths_they_read_to_the_cache(rng):
     }
     spec = kvcache_spec(raw, None, MaskOptions(causal=True, return_lse=True))
     sequences = unread_kvcache_sequences(
-        3, capacity, 1, new_tokens, {"cache_seqlens": raw["cache_seqlens"]}
+        4, capacity, 1, new_tokens, {"cache_seqlens": raw["cache_seqlens"]}
     )
     backends.get("emulate").forward(
         spec,
@@ -120,6 +114,7 @@ def test_kernels_clamp_lengths_they_read_to_the_cache(rng):
         None,
         sequences,
     )
+    assert planned[-1].num_splits >= 4  # more than sequence 1's one tile can fill
     # Keys seen: max(0, min(length + new_tokens, capacity)), without appending anything.
     seen = np.clip(lengths.astype(np.int64) + new_tokens, 0, capacity)
     expected = kvcache_oracle(q, k_cache, v_cache, None, None, seen, causal=True)

@@ -71,7 +71,6 @@ def precompile(
 
 class CudaBackend:
     name = "cuda"
-    kernels_read_lengths = True
 
     def __init__(self):
         self._functions: dict[tuple[str, int], object] = {}
@@ -154,8 +153,8 @@ class CudaBackend:
         stream: int | None = None,
         allocate=None,
     ) -> None:
-        """``allocate(nbytes)``: device scratch memory (a result of interop.empty), by
-        default CuPy's."""
+        """``allocate(count)``: ``count`` float32 of device scratch memory, a RawArray whose
+        owner holds it (by default from CuPy's pool)."""
         cupy = _cupy()
         device_id = q.device.index
         with cupy.cuda.Device(device_id), cupy_stream(stream):
@@ -166,8 +165,8 @@ class CudaBackend:
                 self._multiprocessors(device_id),
                 arch=self._arch(device_id),
             )
-            # Device memory allocated here is freed to CuPy's pool when the call returns;
-            # the pool hands it out again only in this stream's order, after the kernels.
+            # Device memory allocated here goes back to its pool when the call returns; the
+            # pool hands it out again only in this stream's order, after the kernels.
             lengths = {}
             for name, raw in sequences.lengths.items():
                 if raw.device.kind == "cpu":  # lengths given as an int, a list or a host array
@@ -191,13 +190,13 @@ class CudaBackend:
                 # float4 reads need; allocators align more), then the lse. Held until both
                 # kernels are queued; the allocator reuses it in this stream's order.
                 slots = plan.num_splits * plan.split_rows * spec.num_heads_q
-                nbytes = slots * (spec.head_dim + 1) * 4
+                count = slots * (spec.head_dim + 1)
                 if allocate is None:
-                    workspace = cupy.empty(nbytes, cupy.uint8)
+                    workspace = cupy.empty(count, cupy.float32)
                     base = workspace.data.ptr
                 else:
-                    workspace = allocate(nbytes)
-                    base = workspace.raw.ptr
+                    workspace = allocate(count)
+                    base = workspace.ptr
                 if base % 16:
                     raise RuntimeError(f"split workspace at {base:#x}: not 16-byte aligned")
                 out_bytes = slots * spec.head_dim * 4

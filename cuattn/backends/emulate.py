@@ -340,7 +340,6 @@ class _Server:
 
 class EmulateBackend:
     name = "emulate"
-    kernels_read_lengths = True
 
     def __init__(self):
         self.options = EmulationOptions.from_environment()
@@ -407,8 +406,10 @@ class EmulateBackend:
         sinks: RawArray | None,
         sequences: Sequences,
         stream: int | None = None,
-        allocate=None,  # the split workspace is its own, poisoned host memory
+        allocate=None,
     ) -> None:
+        """``allocate(count)``: as for the CUDA backend (host memory here); without it the
+        split workspace is NumPy's."""
         plan = plan_forward(spec, sequences, q.shape, self.options.multiprocessors)
         arrays = {
             "q": q,
@@ -423,17 +424,20 @@ class EmulateBackend:
         writable, split = {"out", "lse"}, None
         if plan.num_splits > 1:
             slots = plan.num_splits * plan.split_rows * spec.num_heads_q
-            # Poisoned, like every result buffer: a slot no split wrote shows as NaN.
-            workspace = {
-                "split_out": np.full(slots * spec.head_dim, np.nan, np.float32),
-                "split_lse": np.full(slots, np.nan, np.float32),
-            }
-            for name, array in workspace.items():
-                arrays[name] = from_numpy(array)
+            if allocate is None:
+                workspace = from_numpy(np.empty(slots * (spec.head_dim + 1), np.float32))
+            else:
+                workspace = allocate(slots * (spec.head_dim + 1))
+            # Poisoned, like every result buffer (whoever allocated it): a slot no split
+            # wrote shows as NaN. Outputs first, then the lse, as on the GPU.
+            whole = workspace.numpy()
+            whole.fill(np.nan)
+            arrays["split_out"] = from_numpy(whole[: slots * spec.head_dim])
+            arrays["split_lse"] = from_numpy(whole[slots * spec.head_dim :])
             split = SplitWorkspace(
                 plan.num_splits, plan.split_rows, arrays["split_out"].ptr, arrays["split_lse"].ptr
             )
-            writable = set(workspace)
+            writable = {"split_out", "split_lse"}
         params = attention_params(spec, q, k, v, out, lse, sinks, sequences, split)
         # One library per (dtype, head dim): its flag variants compile together.
         variants = tuple(LibraryKernel(k.name, k.expression) for k in plan.kernel.variants())

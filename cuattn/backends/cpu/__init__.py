@@ -43,7 +43,6 @@ def _words(raw: RawArray) -> np.ndarray:
 
 class CpuBackend:
     name = "cpu"
-    kernels_read_lengths = False  # it computes from Sequences.table, exact host lengths
 
     @staticmethod
     def unavailable_reason() -> str | None:

@@ -25,6 +25,15 @@ def random_array(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
 
 
+def cache_step(rng, batch, capacity, new_tokens, heads_q, heads_kv, head_dim, dtype):
+    """q, k_cache, v_cache, k_new, v_new of one decoding step (new_tokens query and new
+    tokens), fresh random data."""
+    q = random_array(rng, (batch, new_tokens, heads_q, head_dim), dtype)
+    caches = [random_array(rng, (batch, capacity, heads_kv, head_dim), dtype) for _ in "kv"]
+    new = [random_array(rng, (batch, new_tokens, heads_kv, head_dim), dtype) for _ in "kv"]
+    return q, *caches, *new
+
+
 def qkv(rng, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype):
     q = random_array(rng, (batch, seqlen_q, heads_q, head_dim), dtype)
     k = random_array(rng, (batch, seqlen_k, heads_kv, head_dim), dtype)

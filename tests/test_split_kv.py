@@ -23,7 +23,7 @@ from cuattn.spec import (
     kvcache_spec,
 )
 
-from .helpers import DTYPES, assert_close, call, qkv, random_array
+from .helpers import DTYPES, assert_close, cache_step, call, qkv
 from .oracle import attention_oracle, kvcache_oracle
 
 
@@ -115,20 +115,12 @@ def test_an_architectures_tile_replaces_the_tables_for_its_prefill(monkeypatch):
         kernels._kernel_choice.cache_clear()
 
 
-def _cache_step(rng, batch, capacity, new_tokens, heads_q, heads_kv, dim, dtype):
-    """q, k_cache, v_cache, k_new, v_new of one decoding step, fresh random data."""
-    q = random_array(rng, (batch, new_tokens, heads_q, dim), dtype)
-    caches = [random_array(rng, (batch, capacity, heads_kv, dim), dtype) for _ in "kv"]
-    new = [random_array(rng, (batch, new_tokens, heads_kv, dim), dtype) for _ in "kv"]
-    return q, *caches, *new
-
-
 @pytest.mark.emulate
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_split_and_packed_decoding_matches_the_oracle(rng, emulate_options, planned, dtype):
     emulate_options(multiprocessors=1000)  # a huge GPU: as many splits as the keys allow
     heads_q = 8
-    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 2, 700, 3, heads_q, 2, 64, dtype)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 2, 700, 3, heads_q, 2, 64, dtype)
     lengths = np.array([650, 211], np.int32)
     options = dict(
         causal=True,
@@ -153,7 +145,7 @@ def test_the_split_workspace_comes_from_the_callers_framework(rng, emulate_optio
     from cuattn import interop
 
     emulate_options(multiprocessors=1000)
-    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 2, 900, 1, 4, 1, 64, np.float32)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 2, 900, 1, 4, 1, 64, np.float32)
     lengths = np.array([899, 450], np.int32)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, causal=True)
     allocated = []
@@ -182,7 +174,7 @@ def test_the_split_combine_covers_every_head_dim(rng, emulate_options, planned, 
     # The combine kernel takes head dims in slices of 32 columns, 4 to a thread: head dims
     # that are not a multiple of 32 leave part of the last slice's threads outside the head.
     emulate_options(multiprocessors=1000)
-    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 2, 2000, 1, 4, 2, head_dim, np.float16)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 2, 2000, 1, 4, 2, head_dim, np.float16)
     lengths = np.array([1999, 1337], np.int32)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, causal=True)
     out, lse = cuattn.attention_with_kvcache(
@@ -208,7 +200,7 @@ def test_hundreds_of_splits_merge_exactly(rng, emulate_options, planned, backend
     # keys the same 259 ways (two key tiles a split is the bound, not the 4 blocks per
     # multiprocessor).
     emulate_options(multiprocessors=1000)
-    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 1, 8400, 1, 2, 1, 256, np.float16)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 1, 8400, 1, 2, 1, 256, np.float16)
     lengths = np.array([8300], np.int32)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths)
     out, lse = call(
@@ -234,7 +226,7 @@ def test_the_combine_shares_a_block_among_pairs(rng, emulate_options, planned, l
     # in shared memory), with 3 query heads: the last block's spare rows of threads have no
     # pair to merge.
     emulate_options(multiprocessors=1000)
-    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 1, capacity, 1, 3, 1, 64, np.float16)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 1, capacity, 1, 3, 1, 64, np.float16)
     lengths = np.array([capacity - 1], np.int32)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths)
     out, lse = cuattn.attention_with_kvcache(
@@ -371,7 +363,7 @@ def test_a_nan_key_gives_nan_rows_however_many_splits(rng, emulate_options, plan
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_decoding_on_the_gpu_splits_a_long_cache_and_matches_the_oracle(rng, planned, dtype):
     # Batch 1 over a long cache cannot fill a real GPU without splitting the keys.
-    q, k_cache, v_cache, k_new, v_new = _cache_step(rng, 1, 9000, 1, 8, 2, 128, dtype)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 1, 9000, 1, 8, 2, 128, dtype)
     lengths = np.array([8777], np.int32)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, causal=True)
     out, lse = call(

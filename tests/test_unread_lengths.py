@@ -9,16 +9,15 @@ import pytest
 
 import cuattn
 
-from .helpers import DTYPES, assert_close, call, random_array, skip_if_unavailable
+from .helpers import (
+    DTYPES,
+    assert_close,
+    cache_step,
+    call,
+    random_array,
+    skip_if_unavailable,
+)
 from .oracle import kvcache_oracle
-
-
-def _decode_step(rng, batch, capacity, seqlen, heads_q, heads_kv, head_dim, dtype):
-    """q, k_cache, v_cache, k_new, v_new of one step, fresh random data."""
-    q = random_array(rng, (batch, seqlen, heads_q, head_dim), dtype)
-    caches = [random_array(rng, (batch, capacity, heads_kv, head_dim), dtype) for _ in "kv"]
-    new = [random_array(rng, (batch, seqlen, heads_kv, head_dim), dtype) for _ in "kv"]
-    return q, *caches, *new
 
 
 @pytest.mark.gpu
@@ -28,7 +27,7 @@ def test_unchecked_device_lengths_give_the_checked_result(rng, planned, dtype):
     # sequences splits that see no key at all, which the combine must leave out.
     skip_if_unavailable("cuda")
     capacity, lengths = 1200, np.array([37, 900, 0], np.int32)
-    q, k_cache, v_cache, k_new, v_new = _decode_step(rng, 3, capacity, 2, 8, 2, 64, dtype)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 3, capacity, 2, 8, 2, 64, dtype)
     options = dict(causal=True, window=(500, 0), sink_tokens=3)
     expected = kvcache_oracle(q, k_cache, v_cache, k_new, v_new, lengths, **options)
     results = {}
@@ -58,7 +57,7 @@ def test_unchecked_device_lengths_give_the_checked_result(rng, planned, dtype):
 def test_host_lengths_are_checked_even_when_told_not_to(rng, backend):
     # Checking lengths the host holds costs no wait for the GPU, so it is never skipped.
     skip_if_unavailable(backend)
-    q, k_cache, v_cache, k_new, v_new = _decode_step(rng, 2, 64, 3, 2, 2, 32, np.float32)
+    q, k_cache, v_cache, k_new, v_new = cache_step(rng, 2, 64, 3, 2, 2, 32, np.float32)
     before = k_cache.copy()
     with pytest.raises(ValueError, match="cache_seqlens: sequence 1 holds 62 tokens"):
         cuattn.attention_with_kvcache(
@@ -90,7 +89,7 @@ def test_kernels_plan_for_the_capacity_and_clamp_the_lengths_they_read(
 
     emulate_options(multiprocessors=1000)  # splits bound by the keys, not the GPU
     capacity, new_tokens = 700, 2
-    q, k_cache, v_cache, _, _ = _decode_step(rng, 4, capacity, 1, 4, 2, 32, np.float16)
+    q, k_cache, v_cache, _, _ = cache_step(rng, 4, capacity, 1, 4, 2, 32, np.float16)
     lengths = np.array([-5, 40, 300, capacity + 7], np.int32)
     out = np.full(q.shape, np.nan, np.float16)
     lse = np.full((4, 4, 1), np.nan, np.float32)
@@ -131,7 +130,7 @@ def _torch_step(rng, batch, capacity, heads_q, heads_kv, head_dim):
 
     from .helpers import to_backend
 
-    q, k_cache, v_cache, k_new, v_new = _decode_step(
+    q, k_cache, v_cache, k_new, v_new = cache_step(
         rng, batch, capacity, 1, heads_q, heads_kv, head_dim, np.float16
     )
     host = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)

@@ -38,20 +38,20 @@ def copy_bandwidth(torch) -> float:
     return 2 * source.numel() / timing.median
 
 
-def graph_times(function, runs: int) -> tuple[float | str, float | str]:
+def graph_times(function, runs: int) -> tuple[float | None, float | None, str | None]:
     """Microseconds of GPU time and of host time per replay of ``function()`` captured in a
-    CUDA graph; where the capture fails, why (the rest of the run goes on)."""
+    CUDA graph, and None; where the capture fails, None, None and why (the run goes on)."""
     from .timing_cuda import captured, host_time, time_cuda
 
     try:
         replay = captured(function).replay
     except Exception as failure:  # the framework's or the driver's own exception types
-        reason = f"capture failed: {type(failure).__name__}"
-        print(f"  {reason}: {str(failure).splitlines()[0][:100]}")
-        return reason, reason
+        reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:100]}"
+        print(f"  capture failed: {reason}")
+        return None, None, reason
     gpu = time_cuda(lambda i: replay(), runs=runs).median
     host = host_time(lambda i: replay(), runs=HOST_RUNS).median
-    return round(gpu * 1e6, 1), round(host * 1e6, 1)
+    return round(gpu * 1e6, 1), round(host * 1e6, 1), None
 
 
 def main(argv=None) -> int:
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                         else None
                     )
                     device_lengths = torch.full((batch,), length, dtype=torch.int32).cuda()
-                    graph_us, graph_host_us = graph_times(
+                    graph_us, graph_host_us, graph_error = graph_times(
                         lambda q=queries[0], k=k_cache, v=v_cache, n=device_lengths: (
                             cuattn.attention_with_kvcache(
                                 q, k, v, None, None, n, check_lengths=False
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
                             step_us=step_us,
                             graph_us=graph_us,
                             graph_host_us=graph_host_us,
+                            graph_error=graph_error,
                             timing=timing.as_dict(),
                         )
                     )

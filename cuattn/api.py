@@ -268,7 +268,9 @@ def attention_with_kvcache(
             fill = capacity if cache_seqlens is None else int(cache_seqlens)
             seqlens = np.full(batch, fill, np.int32)
         elif isinstance(cache_seqlens, np.ndarray):
-            seqlens = cache_seqlens  # its dtype is checked with the rest
+            # Its dtype is checked with the rest; a strided view is made whole, as the kernels
+            # read length b at element b.
+            seqlens = np.ascontiguousarray(cache_seqlens)
         else:
             seqlens = np.asarray(cache_seqlens, np.int32)
         raw["cache_seqlens"] = from_numpy(seqlens)

@@ -374,6 +374,10 @@ def kvcache_spec(
         )
     if seqlens_raw.dtype != np.int32:
         raise TypeError(f"cache_seqlens: dtype must be int32, got {seqlens_raw.dtype}")
+    if batch > 1 and seqlens_raw.strides != (1,):  # kernels read length b at element b
+        raise ValueError(
+            f"cache_seqlens: must be contiguous, got a stride of {seqlens_raw.strides[0]} elements"
+        )
     # Unread lengths (None) are clamped to the cache by the kernels that read them (params.cuh).
     if cache_seqlens is not None and batch:
         if cache_seqlens.min() < 0:

@@ -35,7 +35,7 @@ struct ForwardLayout {
     // Head-dim steps of Q K^T unrolled into one basic block. Where the output accumulators
     // and the scores already take 192 of a lane's 255 registers, one step at a time: fully
     // unrolled, ptxas issues later steps' ldmatrix ahead of the first mma and runs out of
-    // registers for them (bench/NOTES.md item 22).
+    // registers for them (bench/NOTES.md items 22, 23).
     static constexpr int kScoreUnroll = kRows * (kDimColumns + kKeyColumns) >= 192 ? 1 : HEAD_DIM / 16;
     using QTile = SharedTile<Element, BLOCK_M, HEAD_DIM>;
     using KVTile = SharedTile<Element, BLOCK_N, HEAD_DIM>;
@@ -306,7 +306,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) flash_forward(const AttentionPa
             for (int c = 0; c < Layout::kKeyColumns; ++c) scores[r][c] = 0.0f;
         // Over the padded head dim too: the padding is zero in Q and K (load_tile), and a
         // loop bound known at compile time keeps the whole product one basic block, where
-        // ptxas can issue the next ldmatrix while the mma before it runs. Each K fragment is
+        // ptxas can issue the next ldmatrix while the mma before it runs (one head-dim step
+        // a block where registers are short: kScoreUnroll). Each K fragment is
         // read from shared memory once for all the warp's m16 tiles: with two tiles a warp
         // reads half the K bytes per mma (the reason for 32 rows a warp).
 #pragma unroll(Layout::kScoreUnroll)

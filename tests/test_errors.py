@@ -342,6 +342,26 @@ def test_kvcache_refuses_bad_lengths_and_writes_nothing(cache, lengths, error, p
     np.testing.assert_array_equal(k_cache, before)
 
 
+def test_kvcache_refuses_lengths_with_gaps_from_a_framework(cache):
+    # The kernels read length b at element b; a NumPy view is made whole instead (test_kvcache).
+    torch = pytest.importorskip("torch")
+    q, k_cache, v_cache, k_new = (torch.from_numpy(a) for a in cache)
+    lengths = torch.tensor([1, 0, 2, 0], dtype=torch.int32)[::2]
+    before = k_cache.clone()
+    _raises(
+        ValueError,
+        r"cache_seqlens: must be contiguous, got a stride of 2 elements",
+        cuattn.attention_with_kvcache,
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        k_new,
+        lengths,
+    )
+    assert torch.equal(k_cache, before)
+
+
 def test_kvcache_refuses_a_read_only_cache(cache):
     q, k_cache, v_cache, k_new = cache
     k_cache.flags.writeable = False

@@ -163,6 +163,24 @@ def test_the_append_kernel_writes_nothing_outside_a_cache_whatever_the_lengths(r
 
 
 @pytest.mark.parametrize("backend", backend_params())
+def test_host_lengths_may_be_a_strided_view(rng, backend):
+    skip_if_unavailable(backend)
+    q = random_array(rng, (2, 1, 4, 32), np.float16)
+    caches = [random_array(rng, (2, 300, 2, 32), np.float16) for _ in "kv"]
+    new = [random_array(rng, (2, 1, 2, 32), np.float16) for _ in "kv"]
+    lengths = np.array([250, -1, 17, -1], np.int32)[::2]  # the -1 are never read
+    expected = kvcache_oracle(q, *caches, *new, lengths, causal=True)
+    out = cuattn.attention_with_kvcache(
+        to_backend(q, backend),
+        *(to_backend(a, backend) for a in (*caches, *new)),
+        lengths,
+        causal=True,
+        backend=backend,
+    )
+    assert_close(to_host(out), expected[0], np.float16)
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_k_and_v_caches_may_be_views_of_one_buffer(rng, backend):
     """A packed KV buffer (batch, capacity, 2, heads, dim) serves as both caches: each append
     writes its own half and leaves the other's new rows in place (the emulator's sanitizer

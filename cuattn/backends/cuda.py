@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -151,7 +152,7 @@ class CudaBackend:
         sinks: RawArray | None,
         sequences: Sequences,
         stream: int | None = None,
-        allocate=None,
+        allocate: Callable[[int], RawArray] | None = None,
     ) -> None:
         """``allocate(count)``: ``count`` float32 of device scratch memory, a RawArray whose
         owner holds it (by default from CuPy's pool)."""

@@ -25,6 +25,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -406,7 +407,7 @@ class EmulateBackend:
         sinks: RawArray | None,
         sequences: Sequences,
         stream: int | None = None,
-        allocate=None,
+        allocate: Callable[[int], RawArray] | None = None,
     ) -> None:
         """``allocate(count)``: as for the CUDA backend (host memory here); without it the
         split workspace is NumPy's."""

@@ -3,6 +3,8 @@ CUDA kernels are tested against."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 
@@ -66,7 +68,7 @@ class CpuBackend:
         sinks: RawArray | None,
         sequences: Sequences,
         stream: int | None = None,
-        allocate=None,  # needs no scratch memory
+        allocate: Callable[[int], RawArray] | None = None,  # needs no scratch memory
     ) -> None:
         """Write attention of q over (k, v) into ``out`` (and ``lse`` if given).
 

@@ -259,7 +259,8 @@ def capturing(call: CallArrays) -> bool:
     if call.device.kind != "cuda":
         return False
     cupy = _require_cupy()
-    with cupy.cuda.Device(call.device.index):  # a legacy-stream handle means this device's
+    # On the call's device: the legacy stream's handle (1) names the current device's.
+    with cupy.cuda.Device(call.device.index):
         return bool(cupy.cuda.runtime.streamIsCapturing(call.stream))
 
 

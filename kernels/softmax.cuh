@@ -107,8 +107,10 @@ struct OnlineSoftmax {
         const float total = quad_sum(row_sum[r]);
         const float final_max = fmaxf(row_max[r], sink_log2);
         if (final_max == negative_infinity()) {
+            // No visible key and no sink: the sum is 0. Or every score of the row was NaN,
+            // which fmaxf passed over: the sum is NaN, and so is the lse (as is the output).
             output_scale = 0.0f;
-            lse = negative_infinity();
+            lse = total == 0.0f ? negative_infinity() : total;
             return;
         }
         const float weight = exp2f(row_max[r] - final_max);

@@ -131,15 +131,50 @@ def test_causal_is_the_window_with_right_edge_zero(rng, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-def test_strided_inputs_are_read_in_place(rng, backend):
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_strided_inputs_are_read_in_place(rng, backend, dtype):
     # A packed qkv tensor sliced into q, k, v, and a (B, H, S, D) tensor seen as (B, S, H, D).
-    packed = random_array(rng, (2, 97, 3, 4, 64), np.float16)
+    # (The CPU backend hands float32 K and V rows to BLAS where they are, strides and all.)
+    packed = random_array(rng, (2, 97, 3, 4, 64), dtype)
     q, k, v = packed[:, :, 0], packed[:, :, 1], packed[:, :, 2]
-    heads_first = random_array(rng, (2, 4, 97, 64), np.float16).transpose(0, 2, 1, 3)
+    heads_first = random_array(rng, (2, 4, 97, 64), dtype).transpose(0, 2, 1, 3)
     for query in (q, heads_first):
         out = call(cuattn.attention, backend, query, k, v, causal=True)
         expected, _ = attention_oracle(query, k, v, causal=True)
-        assert_close(out, expected, np.float16)
+        assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_reversed_and_repeated_key_rows(rng, backend):
+    """Keys in reverse order (a negative row stride) and one value row repeated (a zero
+    stride, and read-only: np.broadcast_to). BLAS takes neither as a matrix: the CPU backend
+    copies such tiles rather than reading them in place."""
+    q = random_array(rng, (2, 70, 4, 64), np.float32)
+    k = random_array(rng, (2, 300, 2, 64), np.float32)[:, ::-1]
+    v = np.broadcast_to(random_array(rng, (2, 1, 2, 64), np.float32), (2, 300, 2, 64))
+    out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True, causal=True)
+    expected_out, expected_lse = attention_oracle(q, k, v, causal=True)
+    assert_close(out, expected_out, np.float32)
+    assert_close(lse, expected_lse, np.float32, what="lse")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_reaches_the_rows_and_columns_it_touches(rng, backend):
+    """A NaN in a query row, in a key or in one column of a value reaches what it touches
+    in exact arithmetic, and nothing else: the row, every row of the KV head's query heads,
+    the value's column. (A NaN value at a key that a mask hides from a row, inside a tile
+    the row reads, is not covered: 0 x NaN reaches the row, as in flash-attn.)"""
+    q, k, v = qkv(rng, 2, 70, 300, 4, 2, 64, np.float32)
+    q[0, 5, 0, 3] = np.nan
+    k[1, 7, 1, 2] = np.nan
+    v[0, 9, 0, 1] = np.nan
+    out, lse = call(cuattn.attention, backend, q, k, v, return_lse=True)
+    expected_out, expected_lse = attention_oracle(q, k, v)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected_out))
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(expected_lse))
+    assert 0 < np.isnan(out).sum() < out.size
+    seen = ~np.isnan(expected_out)
+    assert_close(out[seen], expected_out[seen], np.float32)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cuattn.backends.cpu.bits import BFLOAT16, FLOAT16, narrow_bits, widen_row
-from cuattn.backends.cpu.exp2 import exp2_shifted
+from cuattn.backends.cpu.exp2 import exp2_in_place
 
 from .helpers import BFLOAT16 as BF16_DTYPE
 
@@ -58,29 +58,36 @@ def test_narrowing_rounds_to_nearest_even_like_numpy(rng, code, dtype):
     assert np.isnan(got[nan].view(dtype).astype(np.float32)).all()
 
 
-@numba.njit
+@numba.njit(fastmath={"contract", "arcp", "nsz", "reassoc"})  # as the kernels compile it
 def _exp2(values, shift):
-    out = np.empty(values.size, np.float32)
-    exponents = np.empty(values.size, np.int32)
-    exp2_shifted(values, shift, out, out.view(np.int32), exponents, values.size)
-    return out
+    out = values.copy()
+    total = exp2_in_place(out, shift, out.size)
+    return out, total
 
 
 def test_exp2_is_within_one_ulp_and_flushes_the_underflow(rng):
     values = np.concatenate([-rng.exponential(8.0, 1_000_000), -np.linspace(0, 124.999, 100_001)])
     values = values.astype(np.float32)
     values = values[values > -125]
-    got = _exp2(values, np.float32(0.0))
+    got, total = _exp2(values, np.float32(0.0))
     expected = np.exp2(values.astype(np.float64))
     relative = np.abs(got - expected) / expected
     assert relative.max() < 2.5e-7  # about 2 ulp of float32
+    # The sum of a key tile's row, within float32's worst-case bound for n - 1 additions.
+    row, row_total = _exp2(values[:256], np.float32(0.0))
+    exact = row.astype(np.float64).sum()
+    assert abs(row_total - exact) <= 255 * 2.0**-24 * exact
     below = np.array([-125.0, -126.5, -200.0, -np.inf], np.float32)
-    np.testing.assert_array_equal(_exp2(below, np.float32(0.0)), 0.0)
+    got, total = _exp2(below, np.float32(0.0))
+    np.testing.assert_array_equal(got, 0.0)
+    assert total == 0.0
 
 
-def test_exp2_shift_is_subtracted_first(rng):
-    values = rng.uniform(-30, 10, 1000).astype(np.float32)
-    got = _exp2(values, np.float32(10.0))
-    # The difference is taken in float32, as the kernel's scores are.
-    difference = (values - np.float32(10.0)).astype(np.float64)
-    np.testing.assert_allclose(got, np.exp2(difference), rtol=2.5e-7)
+def test_exp2_lets_nan_through(rng):
+    values = -rng.exponential(4.0, 64).astype(np.float32)
+    values[[3, 40]] = np.nan
+    got, total = _exp2(values, np.float32(0.0))
+    assert np.isnan(got[[3, 40]]).all() and np.isfinite(np.delete(got, [3, 40])).all()
+    assert np.isnan(total)
+    got, total = _exp2(values[values == values], np.float32(np.nan))  # a NaN row maximum
+    assert np.isnan(got).all() and np.isnan(total)

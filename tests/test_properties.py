@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cuattn
+from cuattn.backends import cpu as cpu_backend
 
 from .helpers import DTYPES, assert_close, qkv
 from .oracle import attention_oracle
@@ -45,6 +46,19 @@ def problems(draw):
 @SETTINGS
 @given(problem=problems())
 def test_random_problems_match_the_oracle(problem):
+    _matches_the_oracle(problem)
+
+
+@SETTINGS
+@given(problem=problems(), block_q=st.sampled_from([16, 48, 64]), block_k=st.sampled_from([16, 40]))
+def test_small_cpu_tiles_match_the_oracle(problem, block_q, block_k, monkeypatch):
+    """Tiles far smaller than the problems: masks cut and hide many tiles of every problem,
+    and the rows of a cut tile that see none of its keys are skipped."""
+    monkeypatch.setattr(cpu_backend, "tile_sizes", lambda *args: (block_q, block_k))
+    _matches_the_oracle(problem)
+
+
+def _matches_the_oracle(problem):
     rng = np.random.default_rng(problem["seed"])
     q, k, v = qkv(
         rng,

@@ -19,8 +19,10 @@ import numba
 import numpy as np
 from numba import prange
 
-from .bits import narrow_bits, widen_row
-from .exp2 import exp2_shifted
+from .bits import FLOAT32, narrow_bits, widen_row
+from .blas import address, gemm_arguments, matmul_accumulate, matmul_transposed
+from .exp2 import exp2_in_place
+from .intrinsics import maximum
 
 LOG2E = np.float32(1.0 / math.log(2.0))
 LN2 = np.float32(math.log(2.0))
@@ -35,13 +37,47 @@ _FAST = {"contract", "arcp", "nsz", "reassoc"}
 
 
 @numba.njit(inline="always")
-def key_visible(key, position, window_left, window_right, sink_tokens):
-    """SEMANTICS.md's mask: ``key`` seen from a query at ``position`` (-1 = unbounded)."""
-    if window_right >= 0 and key > position + window_right:
-        return False
-    if window_left >= 0 and key < position - window_left and key >= sink_tokens:
-        return False
-    return True
+def hidden_columns(key_begin, keys, position, window_left, window_right, sink_tokens):
+    """SEMANTICS.md's mask on one row of a key tile, as column ranges: a query at
+    ``position`` does not see columns [sink_end, begin) and [end, keys) of the tile of
+    ``keys`` keys from ``key_begin`` (-1 = unbounded). Columns left of ``sink_end`` are sink
+    tokens, which ignore the left bound; those right of ``end`` break the right one."""
+    end = keys
+    if window_right >= 0:
+        end = min(keys, max(0, position + window_right + 1 - key_begin))
+    begin = 0
+    if window_left >= 0:
+        begin = min(end, max(0, position - window_left - key_begin))
+    sink_end = min(begin, max(0, sink_tokens - key_begin))
+    return sink_end, begin, end
+
+
+@numba.njit(inline="always")
+def _sees_a_key(key_begin, keys, position, window_left, window_right, sink_tokens):
+    sink_end, begin, end = hidden_columns(
+        key_begin, keys, position, window_left, window_right, sink_tokens
+    )
+    return sink_end > 0 or begin < end
+
+
+@numba.njit(inline="always")
+def rows_seeing(key_begin, keys, first_position, rows, window_left, window_right, sink_tokens):
+    """The rows [row_begin, row_end) of a query tile from ``first_position`` that see a key
+    of a key tile. The rest see none of its keys, so skipping them changes nothing: under a
+    causal mask, the diagonal's rows above the tile's first key. Along the rows, both ends
+    of the window move right and the sink tokens stay seen once seen, so the rows that see
+    a key are one run."""
+    row_begin = 0
+    while row_begin < rows and not _sees_a_key(
+        key_begin, keys, first_position + row_begin, window_left, window_right, sink_tokens
+    ):
+        row_begin += 1
+    row_end = rows
+    while row_end > row_begin and not _sees_a_key(
+        key_begin, keys, first_position + row_end - 1, window_left, window_right, sink_tokens
+    ):
+        row_end -= 1
+    return row_begin, row_end
 
 
 @numba.njit(inline="always")
@@ -68,15 +104,25 @@ def _load_rows(src, batch, first_row, head, rows, code, multiplier, dst, dst_bit
 
 
 @numba.njit(fastmath=_FAST)
+def _float32_rows(src, batch, first_row, head, rows, code, tile, tile_bits):
+    """Rows ``first_row .. first_row + rows`` of ``src[batch, :, head, :]`` for sgemm: their
+    address and row stride in elements. float32 rows are read where they are, when BLAS
+    can take their stride; others are decoded into ``tile`` first."""
+    row_stride = src.strides[1]
+    if code == FLOAT32 and row_stride % 4 == 0 and row_stride >= 4 * src.shape[3]:
+        return address(src[batch, first_row, head]), row_stride // 4
+    _load_rows(src, batch, first_row, head, rows, code, 1.0, tile, tile_bits)
+    return address(tile), np.int64(tile.shape[1])
+
+
+@numba.njit(fastmath=_FAST)
 def _attend_key_block(
     q_tile,
-    k_tile,
-    v_tile,
+    keys_at,
+    keys_row_stride,
+    values_at,
+    values_row_stride,
     scores_flat,
-    probs_flat,
-    probs_bits,
-    exponents,
-    product,
     acc,
     row_max,
     row_sum,
@@ -90,12 +136,26 @@ def _attend_key_block(
     window_left,
     window_right,
     sink_tokens,
+    gemm_scratch,
 ):
-    """Fold keys [key_begin, key_begin + keys) into the running state of ``rows`` rows."""
+    """Fold keys [key_begin, key_begin + keys) into the running state of ``rows`` rows.
+
+    K and V rows are float32 at ``keys_at`` and ``values_at`` (addresses, _float32_rows).
+    """
     head_dim = q_tile.shape[1]
     scores = scores_flat[: rows * keys].reshape((rows, keys))
-    probs = probs_flat[: rows * keys].reshape((rows, keys))
-    np.dot(q_tile[:rows], k_tile[:keys].T, scores)
+    matmul_transposed(
+        rows,
+        keys,
+        head_dim,
+        address(q_tile),
+        head_dim,
+        keys_at,
+        keys_row_stride,
+        address(scores_flat),
+        keys,
+        gemm_scratch,
+    )
     if softcap > 0.0:
         # softcap * tanh(s / softcap) in natural units, then into base 2.
         for r in range(rows):
@@ -103,39 +163,39 @@ def _attend_key_block(
                 scores[r, c] = softcap_log2 * np.tanh(scores[r, c] / softcap)
     if masked:
         for r in range(rows):
-            position = first_position + r
-            for c in range(keys):
-                if not key_visible(key_begin + c, position, window_left, window_right, sink_tokens):
-                    scores[r, c] = -np.inf
+            sink_end, begin, end = hidden_columns(
+                key_begin, keys, first_position + r, window_left, window_right, sink_tokens
+            )
+            scores[r, sink_end:begin] = -np.inf
+            scores[r, end:keys] = -np.inf
     for r in range(rows):
-        tile_max = -np.inf
+        row = scores_flat[r * keys : (r + 1) * keys]
+        tile_max = np.float32(-np.inf)
         for c in range(keys):
-            tile_max = max(tile_max, scores[r, c])
-        new_max = max(row_max[r], tile_max)
+            tile_max = maximum(tile_max, row[c])
+        new_max = maximum(row_max[r], tile_max)
         # A row that has seen no visible key yet keeps max -inf; exponentiating against 0
         # instead avoids -inf - -inf = NaN and gives it all-zero probabilities.
         shift = new_max if new_max != -np.inf else np.float32(0.0)
-        row_probs = probs_flat[r * keys : (r + 1) * keys]
-        exp2_shifted(
-            scores_flat[r * keys : (r + 1) * keys],
-            shift,
-            row_probs,
-            probs_bits[r * keys : (r + 1) * keys],
-            exponents,
-            keys,
-        )
+        total = exp2_in_place(row, shift, keys)  # the scores become probabilities
         rescale = np.exp2(row_max[r] - shift)  # 0 while nothing was seen (m = -inf)
-        total = np.float32(0.0)
-        for c in range(keys):
-            total += row_probs[c]
         row_sum[r] = row_sum[r] * rescale + total
         row_max[r] = new_max
         if rescale != 1.0:
             for d in range(head_dim):
                 acc[r, d] *= rescale
-    out = product[: rows * head_dim].reshape((rows, head_dim))
-    np.dot(probs, v_tile[:keys], out)
-    acc[:rows] += out
+    matmul_accumulate(
+        rows,
+        head_dim,
+        keys,
+        address(scores_flat),
+        keys,
+        values_at,
+        values_row_stride,
+        address(acc),
+        head_dim,
+        gemm_scratch,
+    )
 
 
 @numba.njit(fastmath=_FAST)
@@ -172,15 +232,12 @@ def _attend_query_tile(
         v_tile,
         v_bits,
         scores_flat,
-        probs_flat,
-        probs_bits,
-        exponents,
-        product,
         acc,
         row_max,
         row_sum,
         row_out,
         row_out_bits,
+        gemm_scratch,
     ) = scratch
     head_dim = q.shape[3]
     # Without softcap the base-2 conversion rides on the query scale for free.
@@ -202,8 +259,13 @@ def _attend_query_tile(
     for range_begin, range_end in ((0, sink_end), (main_begin, main_end)):
         for key_begin in range(range_begin, range_end, block_k):
             keys = min(block_k, range_end - key_begin)
-            _load_rows(k, batch, k_start + key_begin, kv_head, keys, code, 1.0, k_tile, k_bits)
-            _load_rows(v, batch, k_start + key_begin, kv_head, keys, code, 1.0, v_tile, v_bits)
+            first_key = k_start + key_begin
+            keys_at, keys_row_stride = _float32_rows(
+                k, batch, first_key, kv_head, keys, code, k_tile, k_bits
+            )
+            values_at, values_row_stride = _float32_rows(
+                v, batch, first_key, kv_head, keys, code, v_tile, v_bits
+            )
             masked = not tile_fully_visible(
                 key_begin,
                 key_begin + keys,
@@ -213,48 +275,67 @@ def _attend_query_tile(
                 window_right,
                 sink_tokens,
             )
+            row_begin, row_end = 0, rows
+            if masked:
+                row_begin, row_end = rows_seeing(
+                    key_begin,
+                    keys,
+                    first_position,
+                    rows,
+                    window_left,
+                    window_right,
+                    sink_tokens,
+                )
+            if row_begin == row_end:
+                continue
+            first_key = k_start + key_begin
+            keys_at, keys_row_stride = _float32_rows(
+                k, batch, first_key, kv_head, keys, code, k_tile, k_bits
+            )
+            values_at, values_row_stride = _float32_rows(
+                v, batch, first_key, kv_head, keys, code, v_tile, v_bits
+            )
             _attend_key_block(
-                q_tile,
-                k_tile,
-                v_tile,
+                q_tile[row_begin:],
+                keys_at,
+                keys_row_stride,
+                values_at,
+                values_row_stride,
                 scores_flat,
-                probs_flat,
-                probs_bits,
-                exponents,
-                product,
-                acc,
-                row_max,
-                row_sum,
-                rows,
+                acc[row_begin:],
+                row_max[row_begin:],
+                row_sum[row_begin:],
+                row_end - row_begin,
                 keys,
                 key_begin,
-                first_position,
+                first_position + row_begin,
                 softcap_log2,
                 softcap,
                 masked,
                 window_left,
                 window_right,
                 sink_tokens,
+                gemm_scratch,
             )
 
-    sink_log2 = sinks[head] * LOG2E if has_sinks else -np.inf
+    sink_log2 = sinks[head] * LOG2E if has_sinks else np.float32(-np.inf)
     for r in range(rows):
         # The learned sink is one more logit in the denominator, with a zero value.
-        final_max = max(row_max[r], sink_log2)
+        final_max = maximum(row_max[r], sink_log2)
         if final_max == -np.inf:
             denominator = np.float32(0.0)
             weight = np.float32(0.0)
         else:
             weight = np.exp2(row_max[r] - final_max)
             denominator = row_sum[r] * weight + np.exp2(sink_log2 - final_max)
-        # A row that sees no key and has no sink gives 0, never 0/0.
-        inverse = weight / denominator if denominator > 0.0 else np.float32(0.0)
+        # A row that sees no key and has no sink gives 0, never 0/0 (a NaN stays NaN).
+        inverse = weight / denominator if denominator != 0.0 else np.float32(0.0)
         for d in range(head_dim):
             row_out[d] = acc[r, d] * inverse
         row = out[batch, q_begin + r, head]
         for d in range(head_dim):
             row[d] = narrow_bits(row_out_bits[d], code)
-        if denominator > 0.0:
+        if denominator != 0.0:
             lse[batch, head, q_begin + r] = (final_max + np.log2(denominator)) * LN2
         else:
             lse[batch, head, q_begin + r] = -np.inf
@@ -298,7 +379,6 @@ def _attention_forward(
         k_tile = np.empty((block_k, head_dim), np.float32)
         v_tile = np.empty((block_k, head_dim), np.float32)
         scores = np.empty(block_q * block_k, np.float32)
-        probs = np.empty(block_q * block_k, np.float32)
         row_out = np.empty(head_dim, np.float32)
         scratch = (
             q_tile,
@@ -308,15 +388,12 @@ def _attention_forward(
             v_tile,
             v_tile.view(np.uint32),
             scores,
-            probs,
-            probs.view(np.int32),
-            np.empty(block_k, np.int32),
-            np.empty(block_q * head_dim, np.float32),
             np.empty((block_q, head_dim), np.float32),
             np.empty(block_q, np.float32),
             np.empty(block_q, np.float32),
             row_out,
             row_out.view(np.uint32),
+            gemm_arguments(),
         )
         for work in range(lane, total_work, lanes):
             tile = work // num_heads_q
@@ -366,12 +443,15 @@ def attention_forward(word_dtype: np.dtype):
     word_dtype = np.dtype(word_dtype)
     if word_dtype not in _compiled:
         words = numba.types.Array(numba.from_dtype(word_dtype), 4, "A")
+        # Inputs are typed read-only, which writable arrays convert to: a read-only view
+        # (np.broadcast_to, a read-only memory map) matched no signature before.
+        inputs = numba.types.Array(numba.from_dtype(word_dtype), 4, "A", readonly=True)
         float32 = numba.types.float32
         int64 = numba.types.int64
         signature = numba.types.void(
-            words,
-            words,
-            words,
+            inputs,
+            inputs,
+            inputs,
             words,
             numba.types.Array(float32, 3, "A"),
             numba.types.Array(float32, 1, "A"),

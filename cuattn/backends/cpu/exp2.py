@@ -49,8 +49,9 @@ def exp2_in_place(values, shift, count):
         poly = poly * f + _C1
         poly = poly * f + _C0
         # 2**n built in its exponent field. x > -125 gives n >= -125 and poly >= 2**-0.5,
-        # a normal product, so the multiplication is exact. (From a NaN x, n is whatever
-        # the conversion makes of NaN; poly is NaN, and so is the product.)
+        # a normal product, so the multiplication is exact. A NaN x gives a NaN poly: n is
+        # replaced by 0 there, as converting NaN to an integer is undefined in LLVM.
+        n = n if n == n else np.float32(0.0)
         value = poly * float_from_bits((np.int32(n) + np.int32(127)) << 23)
         value = np.float32(0.0) if x <= _UNDERFLOW else value
         values[i] = value

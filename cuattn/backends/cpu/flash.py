@@ -109,7 +109,9 @@ def _float32_rows(src, batch, first_row, head, rows, code, tile, tile_bits):
     address and row stride in elements. float32 rows are read where they are, when BLAS
     can take their stride; others are decoded into ``tile`` first."""
     row_stride = src.strides[1]
-    if code == FLOAT32 and row_stride % 4 == 0 and row_stride >= 4 * src.shape[3]:
+    # BLAS needs a leading dimension of at least a row, in a 32-bit int.
+    usable = row_stride % 4 == 0 and src.shape[3] <= row_stride // 4 < 2**31
+    if code == FLOAT32 and usable:
         return address(src[batch, first_row, head]), row_stride // 4
     _load_rows(src, batch, first_row, head, rows, code, 1.0, tile, tile_bits)
     return address(tile), np.int64(tile.shape[1])
@@ -259,13 +261,6 @@ def _attend_query_tile(
     for range_begin, range_end in ((0, sink_end), (main_begin, main_end)):
         for key_begin in range(range_begin, range_end, block_k):
             keys = min(block_k, range_end - key_begin)
-            first_key = k_start + key_begin
-            keys_at, keys_row_stride = _float32_rows(
-                k, batch, first_key, kv_head, keys, code, k_tile, k_bits
-            )
-            values_at, values_row_stride = _float32_rows(
-                v, batch, first_key, kv_head, keys, code, v_tile, v_bits
-            )
             masked = not tile_fully_visible(
                 key_begin,
                 key_begin + keys,

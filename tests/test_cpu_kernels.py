@@ -91,3 +91,11 @@ def test_exp2_lets_nan_through(rng):
     assert np.isnan(total)
     got, total = _exp2(values[values == values], np.float32(np.nan))  # a NaN row maximum
     assert np.isnan(got).all() and np.isnan(total)
+
+
+def test_exp2_shift_is_subtracted_first(rng):
+    values = rng.uniform(-30, 10, 1000).astype(np.float32)
+    got, _ = _exp2(values, np.float32(10.0))
+    # The difference is taken in float32, as the kernel's scores are.
+    difference = (values - np.float32(10.0)).astype(np.float64)
+    np.testing.assert_allclose(got, np.exp2(difference), rtol=2.5e-7)

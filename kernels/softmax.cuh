@@ -107,10 +107,13 @@ struct OnlineSoftmax {
         const float total = quad_sum(row_sum[r]);
         const float final_max = fmaxf(row_max[r], sink_log2);
         if (final_max == negative_infinity()) {
-            // No visible key and no sink: the sum is 0. Or every score of the row was NaN,
-            // which fmaxf passed over: the sum is NaN, and so is the lse (as is the output).
-            output_scale = 0.0f;
-            lse = total == 0.0f ? negative_infinity() : total;
+            // No visible key and no sink: the sum is 0 (output 0, lse -inf). Or fmaxf passed
+            // over a NaN: every score of the row was NaN (the sum is NaN, and so is the lse, as
+            // the output already is), or the sink is, which makes the denominator NaN and with
+            // it the lse and the output (kept 0 by the scale 0 otherwise).
+            const bool nan_sink = sink_log2 != sink_log2;
+            output_scale = nan_sink ? sink_log2 : 0.0f;
+            lse = nan_sink ? sink_log2 : total == 0.0f ? negative_infinity() : total;
             return;
         }
         const float weight = exp2f(row_max[r] - final_max);

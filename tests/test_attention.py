@@ -178,6 +178,22 @@ def test_nan_reaches_the_rows_and_columns_it_touches(rng, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+def test_a_nan_learned_sink_reaches_every_row_of_its_head(rng, backend):
+    """The sink is in every row's denominator, a row that sees no key included (the first
+    rows here: more queries than keys, bottom-right causal), so a NaN sink makes its head's
+    rows NaN, and nothing else."""
+    q, k, v = qkv(rng, 1, 40, 10, 2, 2, 32, np.float32)
+    sinks = np.array([np.nan, 0.5], np.float32)
+    out, lse = call(cuattn.attention, backend, q, k, v, sinks=sinks, causal=True, return_lse=True)
+    expected_out, expected_lse = attention_oracle(q, k, v, sinks=sinks, causal=True)
+    assert np.isnan(expected_out[:, :, 0]).all() and np.isnan(expected_lse[:, 0]).all()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected_out))
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(expected_lse))
+    assert_close(out[:, :, 1], expected_out[:, :, 1], np.float32)
+    assert_close(lse[:, 1], expected_lse[:, 1], np.float32, what="lse")
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize(
     "shape_q, shape_kv",
     [

@@ -14,6 +14,7 @@ that it cuts are masked element by element; all others are not masked at all.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -21,6 +22,7 @@ from numba import prange
 
 from .bits import FLOAT32, narrow_bits, widen_row
 from .blas import address, gemm_arguments, matmul_accumulate, matmul_transposed
+from .caching import compile_cached
 from .exp2 import exp2_in_place
 from .intrinsics import maximum
 
@@ -425,11 +427,13 @@ def _attention_forward(
 
 
 _compiled: dict[np.dtype, object] = {}
+# Everything the kernel is compiled from: its cache is stale when any of them changes.
+_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
 
 
 def attention_forward(word_dtype: np.dtype):
     """The kernel for arrays of ``word_dtype`` words, compiled (or loaded from numba's disk
-    cache) on first use.
+    cache, see caching.py) on first use.
 
     The signature is explicit and every array is typed with any layout ('A'): contiguous
     and strided callers share one machine-code version instead of compiling one per
@@ -463,7 +467,7 @@ def attention_forward(word_dtype: np.dtype):
             int64,
             int64,
         )
-        _compiled[word_dtype] = numba.njit([signature], parallel=True, cache=True)(
-            _attention_forward
+        _compiled[word_dtype] = compile_cached(
+            _attention_forward, signature, _SOURCES, parallel=True
         )
     return _compiled[word_dtype]

@@ -1,8 +1,9 @@
 """The CPU backend against the CPU peers: PyTorch's SDPA and a naive NumPy attention.
 
 Throughput at float32, B=1, H=8, D=64, S=4096, causal and not (issue 2's target: at least
-0.5x SDPA, aiming at 1.0x), and the peak memory beyond inputs and output at S=16384 (target:
-within 64 MiB), each peer measured in the same run. Prints a table, writes JSON.
+0.5x SDPA, aiming at 1.0x), the peak memory beyond inputs and output at S=16384 (target:
+within 64 MiB), and decoding (one query row per sequence over a cache) with MHA, GQA and MQA,
+each peer measured in the same run. Prints tables, writes JSON.
 
     python -m cuattn bench cpu [--quick] [--out DIR]
 """
@@ -21,6 +22,8 @@ from .timing import attention_flops, time_host
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 MIB = 2**20
+# Decoding: one new token per sequence, float32, over a cache of DECODE_CACHE positions.
+DECODE_BATCH, DECODE_CACHE, DECODE_HEADS_Q, DECODE_HEAD_DIM = 4, 8192, 32, 128
 
 
 def naive_numpy(q, k, v, causal):
@@ -96,6 +99,75 @@ def throughput(seqlen: int, runs: int) -> list[dict]:
                     spread_ms=f"{timing.q1 * 1e3:.1f}-{timing.q3 * 1e3:.1f}",
                     gflops=round(flops / timing.median / 1e9, 1),
                     max_abs_diff_vs_first=f"{error:.1e}",
+                    timing=timing.as_dict(),
+                )
+            )
+        ours = results.get("cuattn (numba)")
+        for row in rows[-len(results) :]:
+            if ours is not None:
+                row["cuattn_speedup"] = round(results[row["peer"]].median / ours.median, 2)
+    return rows
+
+
+def _decode_peers():
+    """name -> function(q, k, v) on float32 (B, S, H, D) NumPy arrays, or a reason."""
+    import cuattn
+
+    peers = {"cuattn (numba)": lambda q, k, v: cuattn.attention(q, k, v, backend="cpu")}
+    try:
+        import torch
+
+        def sdpa(q, k, v):
+            # The same arrays, seen as SDPA's (B, H, S, D): strided views, as a caller
+            # holding a (B, S, H, D) cache passes them.
+            t = [torch.from_numpy(x).transpose(1, 2) for x in (q, k, v)]
+            out = torch.nn.functional.scaled_dot_product_attention(*t, enable_gqa=True)
+            return out.transpose(1, 2).numpy()
+
+        peers["torch SDPA"] = sdpa
+    except ImportError:
+        peers["torch SDPA"] = "skipped: torch is not installed"
+    return peers
+
+
+def decoding(runs: int) -> list[dict]:
+    """Decode time and the rate K and V are read at, for MHA, GQA-8 and MQA."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for heads_kv in (DECODE_HEADS_Q, 8, 1):
+        # Two input sets, alternated, as in throughput().
+        inputs = [
+            [
+                rng.standard_normal(
+                    (DECODE_BATCH, length, heads, DECODE_HEAD_DIM), dtype=np.float32
+                )
+                for length, heads in (
+                    (1, DECODE_HEADS_Q),
+                    (DECODE_CACHE, heads_kv),
+                    (DECODE_CACHE, heads_kv),
+                )
+            ]
+            for _ in range(2)
+        ]
+        cache_bytes = inputs[0][1].nbytes + inputs[0][2].nbytes
+        reference, results = None, {}
+        for name, peer in _decode_peers().items():
+            if isinstance(peer, str):
+                print(f"  {name}: {peer}")
+                continue
+            out = peer(*inputs[0])
+            if reference is None:
+                reference = out
+            timing = time_host(lambda i, p=peer, x=inputs: p(*x[i % 2]), runs=runs)
+            results[name] = timing
+            rows.append(
+                dict(
+                    peer=name,
+                    heads_kv=heads_kv,
+                    ms=round(timing.median * 1e3, 1),
+                    spread_ms=f"{timing.q1 * 1e3:.1f}-{timing.q3 * 1e3:.1f}",
+                    gb_s=round(cache_bytes / timing.median / 1e9, 1),
+                    max_abs_diff_vs_first=f"{np.max(np.abs(out - reference)):.1e}",
                     timing=timing.as_dict(),
                 )
             )
@@ -184,6 +256,23 @@ def main(argv=None) -> int:
                 inputs_and_output_mib=round(4 * BATCH * seqlen * HEADS * HEAD_DIM * 4 / MIB),
             )
         )
+    print(
+        f"decoding: float32, B={DECODE_BATCH}, 1 query row over {DECODE_CACHE} cached, "
+        f"Hq={DECODE_HEADS_Q}, D={DECODE_HEAD_DIM}"
+    )
+    decode = decoding(runs)
+    decode_table = table(
+        decode,
+        [
+            ("peer", "implementation"),
+            ("heads_kv", "KV heads"),
+            ("ms", "ms (median)"),
+            ("spread_ms", "IQR ms"),
+            ("gb_s", "K+V GB/s"),
+            ("cuattn_speedup", "cuattn speed-up"),
+            ("max_abs_diff_vs_first", "max |diff| vs cuattn"),
+        ],
+    )
     memory_table = table(
         memory,
         [
@@ -197,8 +286,12 @@ def main(argv=None) -> int:
         "cpu",
         "CPU backend",
         f"{speed_table}\n\nPeak memory beyond inputs and output, causal, float32:\n\n"
-        + memory_table,
-        dict(throughput=speed, memory=memory),
+        + memory_table
+        + f"\n\nDecoding, float32, B={DECODE_BATCH}, one query row over {DECODE_CACHE} cached "
+        + f"positions, Hq={DECODE_HEADS_Q}, D={DECODE_HEAD_DIM}; K+V GB/s: bytes of the cache "
+        + "read, over the median time:\n\n"
+        + decode_table,
+        dict(throughput=speed, memory=memory, decoding=decode),
         args.out,
     )
     return 0

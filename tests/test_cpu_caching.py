@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cuattn.backends.cpu import flash
+from cuattn.backends.cpu import decode, flash
 from cuattn.backends.cpu.caching import _SourcesCache
 
 # A kernel in one file calling an inlined function in another, as flash.py calls exp2.py.
@@ -70,10 +70,13 @@ def test_a_change_to_an_inlined_source_compiles_the_kernel_again(tmp_path):
 
 
 def test_the_kernel_cache_covers_every_source_of_the_backend():
-    kernel = flash.attention_forward(np.dtype(np.uint32))
-    assert isinstance(kernel._cache, _SourcesCache)
+    for kernel in (
+        flash.attention_forward(np.dtype(np.uint32)),
+        decode.decode_forward(np.dtype(np.uint32)),
+    ):
+        assert isinstance(kernel._cache, _SourcesCache)
     backend = Path(flash.__file__).parent
-    assert flash._SOURCES == sorted(backend.glob("*.py"))
-    assert {"flash.py", "bits.py", "exp2.py", "blas.py", "intrinsics.py"} <= {
-        path.name for path in flash._SOURCES
+    assert flash.SOURCES == sorted(backend.glob("*.py"))
+    assert {"flash.py", "decode.py", "mask.py", "bits.py", "exp2.py", "blas.py"} <= {
+        path.name for path in flash.SOURCES
     }

@@ -6,8 +6,17 @@ import numba
 import numpy as np
 import pytest
 
+from cuattn.backends.cpu import MAX_TILE_ROWS, heads_per_tile
 from cuattn.backends.cpu.bits import BFLOAT16, FLOAT16, narrow_bits, widen_row
+from cuattn.backends.cpu.blas import (
+    FEW_ROWS,
+    address,
+    gemm_arguments,
+    matmul_accumulate,
+    matmul_transposed,
+)
 from cuattn.backends.cpu.exp2 import exp2_in_place
+from cuattn.backends.cpu.intrinsics import FAST_MATH
 
 from .helpers import BFLOAT16 as BF16_DTYPE
 
@@ -58,7 +67,7 @@ def test_narrowing_rounds_to_nearest_even_like_numpy(rng, code, dtype):
     assert np.isnan(got[nan].view(dtype).astype(np.float32)).all()
 
 
-@numba.njit(fastmath={"contract", "arcp", "nsz", "reassoc"})  # as the kernels compile it
+@numba.njit(fastmath=FAST_MATH)  # as the kernels compile it
 def _exp2(values, shift):
     out = values.copy()
     total = exp2_in_place(out, shift, out.size)
@@ -99,3 +108,79 @@ def test_exp2_shift_is_subtracted_first(rng):
     # The difference is taken in float32, as the kernel's scores are.
     difference = (values - np.float32(10.0)).astype(np.float64)
     np.testing.assert_allclose(got, np.exp2(difference), rtol=2.5e-7)
+
+
+@pytest.mark.parametrize(
+    "group, block_q, query_tiles, heads, threads, expected",
+    [
+        (4, 20, 4, 32, 2, 4),  # 20 query rows, 8 KV heads: a tile holds a whole group
+        (1, 20, 4, 32, 2, 1),  # MHA: nothing to share
+        (32, 20, 1, 32, 2, 16),  # MQA, one sequence: two tiles, one per thread
+        (8, 20, 1, 8, 1, 8),  # one thread: one tile
+        (32, 20, 1, 32, 1, 16),  # 640 rows would be too tall
+        (6, 20, 3, 6, 2, 6),
+        (6, 100, 3, 6, 2, 3),  # 600 rows would be too tall: the next divisor down
+        (4, MAX_TILE_ROWS, 8, 32, 2, 1),  # prefill: tiles are full already
+        (4, 128, 2, 8, 2, 4),
+    ],
+)
+def test_query_heads_share_a_tile_when_their_rows_are_few(
+    group, block_q, query_tiles, heads, threads, expected
+):
+    assert heads_per_tile(group, block_q, query_tiles, heads, threads) == expected
+
+
+@numba.njit
+def _products(a, b_rows, b, scores, accumulator):
+    """matmul_transposed into ``scores`` and matmul_accumulate into ``accumulator``, on
+    float32 arrays with contiguous rows and any row stride, as the kernel passes tiles."""
+    arguments = gemm_arguments()
+    rows_a, depth = a.shape
+    matmul_transposed(
+        rows_a,
+        b_rows.shape[0],
+        depth,
+        address(a),
+        a.strides[0] // 4,
+        address(b_rows),
+        b_rows.strides[0] // 4,
+        address(scores),
+        scores.strides[0] // 4,
+        arguments,
+    )
+    matmul_accumulate(
+        rows_a,
+        b.shape[1],
+        depth,
+        address(a),
+        a.strides[0] // 4,
+        address(b),
+        b.strides[0] // 4,
+        address(accumulator),
+        accumulator.strides[0] // 4,
+        arguments,
+    )
+
+
+@pytest.mark.parametrize("rows_a", [1, 3, FEW_ROWS, FEW_ROWS + 1, 40])
+def test_tile_products_by_loops_and_by_sgemm(rng, rows_a):
+    """Both ways of multiplying tiles (loops for a few rows, sgemm for more) compute the
+    products, read and write rows at their stride, and touch nothing past a row's end."""
+    depth, keys, columns = 40, 37, 24
+
+    def strided(rows, cols, pad):
+        return rng.standard_normal((rows, cols + pad), dtype=np.float32)[:, :cols]
+
+    a, b_rows, b = strided(rows_a, depth, 8), strided(keys, depth, 16), strided(depth, columns, 8)
+    scores_storage = np.full((rows_a, keys + 5), np.nan, np.float32)
+    accumulator_storage = rng.standard_normal((rows_a, columns + 3), dtype=np.float32)
+    before = accumulator_storage.copy()
+    _products(a, b_rows, b, scores_storage[:, :keys], accumulator_storage[:, :columns])
+
+    a64, b_rows64, b64 = a.astype(np.float64), b_rows.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(scores_storage[:, :keys], a64 @ b_rows64.T, rtol=1e-5, atol=1e-5)
+    assert np.isnan(scores_storage[:, keys:]).all()
+    np.testing.assert_allclose(
+        accumulator_storage[:, :columns], before[:, :columns] + a64 @ b64, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(accumulator_storage[:, columns:], before[:, columns:])

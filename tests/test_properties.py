@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,14 +21,14 @@ SETTINGS = settings(
 
 
 @st.composite
-def problems(draw):
+def problems(draw, longest_query=600):
     heads_kv = draw(st.sampled_from([1, 2, 3]))
     group = draw(st.sampled_from([1, 2, 4]))
     left = draw(st.integers(-1, 300))
     right = draw(st.integers(-1, 300))
     return dict(
         batch=draw(st.integers(1, 2)),
-        seqlen_q=draw(st.integers(1, 600)),
+        seqlen_q=draw(st.integers(1, longest_query)),
         seqlen_k=draw(st.integers(1, 600)),
         heads_q=heads_kv * group,
         heads_kv=heads_kv,
@@ -50,11 +52,34 @@ def test_random_problems_match_the_oracle(problem):
 
 
 @SETTINGS
-@given(problem=problems(), block_q=st.sampled_from([16, 48, 64]), block_k=st.sampled_from([16, 40]))
-def test_small_cpu_tiles_match_the_oracle(problem, block_q, block_k, monkeypatch):
+@given(
+    problem=problems(),
+    block_q=st.sampled_from([16, 48, 64]),
+    block_k=st.sampled_from([16, 40]),
+    packed_heads=st.sampled_from([1, 2, 4]),
+)
+def test_small_cpu_tiles_match_the_oracle(problem, block_q, block_k, packed_heads, monkeypatch):
     """Tiles far smaller than the problems: masks cut and hide many tiles of every problem,
-    and the rows of a cut tile that see none of its keys are skipped."""
+    and the rows of a cut tile that see none of its keys are skipped; with the query heads
+    of a KV head one tile or several."""
     monkeypatch.setattr(cpu_backend, "tile_sizes", lambda *args: (block_q, block_k))
+    # A divisor of the group size, as the kernel needs.
+    monkeypatch.setattr(
+        cpu_backend, "heads_per_tile", lambda group, *args: math.gcd(group, packed_heads)
+    )
+    _matches_the_oracle(problem)
+
+
+@SETTINGS
+@given(
+    problem=problems(longest_query=cpu_backend.DECODE_QUERY_ROWS),
+    block_k=st.sampled_from([16, 40]),
+    parts=st.sampled_from([1, 2, 3, 7]),
+)
+def test_cpu_decode_kernel_matches_the_oracle(problem, block_k, parts, monkeypatch):
+    """Queries short enough for decode.py, with its keys in small tiles split into parts
+    (more parts than tiles included), so that masks cut and hide tiles and parts."""
+    monkeypatch.setattr(cpu_backend, "decode_plan", lambda *args: (block_k, parts))
     _matches_the_oracle(problem)
 
 

@@ -26,6 +26,9 @@ VARLEN_CASES = [
     ("empty-sequences", [0, 50, 0, 9], [10, 0, 0, 20], {}),
     ("window-sinks", [280, 31], [500, 31], dict(window=(40, 0), sink_tokens=3)),
     ("softcap-learned-sinks", [65, 130], [65, 257], dict(softcap=20.0, with_sinks=True)),
+    # At most 16 query rows each: the CPU backend's decode kernel, at offsets in the packed axes.
+    ("short-queries", [1, 0, 16, 3], [300, 5, 0, 40], dict(causal=True)),
+    ("short-queries-window", [4, 1, 9], [270, 33, 9], dict(window=(50, 0), sink_tokens=2)),
 ]
 
 

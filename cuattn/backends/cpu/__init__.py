@@ -16,9 +16,17 @@ from ...dlpack import RawArray
 from ...spec import AttentionSpec, Sequences
 from .. import host
 from .bits import dtype_code, word_dtype
-from .flash import attention_forward
+from .decode import decode_forward
+from .flash import SEQ_K_LEN, attention_forward
 
 _blas = None
+
+# The tallest query tile, in rows (bench/NOTES.md, "The CPU backend").
+MAX_TILE_ROWS = 512
+# Sequences of at most this many query rows take decode.py's kernel, not flash.py's.
+DECODE_QUERY_ROWS = 16
+# decode.py's K and V tiles of all KV heads together stay within this (half a 1 MiB L2).
+DECODE_TILE_BYTES = 512 * 1024
 
 
 def _single_threaded_blas():
@@ -43,11 +51,50 @@ def tile_sizes(
     """
     block_k = 256 if head_dim <= 128 else 128
     longest = max(int(query_lengths.max(initial=0)), 1)
-    for block_q in (512, 256, 128, 64):
+    for block_q in (MAX_TILE_ROWS, 256, 128, 64):
         work = int((-(-query_lengths // block_q)).sum()) * heads
         if work >= 4 * threads:
             break
     return min(block_q, longest), block_k
+
+
+def heads_per_tile(group: int, block_q: int, query_tiles: int, heads: int, threads: int) -> int:
+    """How many query heads of a KV head share each query tile (a divisor of ``group``).
+
+    The heads of a tile read each K and V tile once for all of them. With long queries
+    that changes nothing (a tile of one head is already full, and a tile of G heads covers
+    G times fewer query rows, so K and V are read as often), but a short query (a chunk of a
+    prompt, too long for decode.py) leaves most of a tile of one head empty, and each head
+    reads the keys again. So heads are packed while the tile stays within MAX_TILE_ROWS rows
+    and every thread still gets a (query tile, head group) to work on.
+    """
+    packed = 1
+    for candidate in range(2, group + 1):
+        if (
+            group % candidate == 0
+            and block_q * candidate <= MAX_TILE_ROWS
+            and query_tiles * (heads // candidate) >= threads
+        ):
+            packed = candidate
+    return packed
+
+
+def decode_plan(
+    kv_heads: int, head_dim: int, longest_keys: int, sequences: int, threads: int
+) -> tuple[int, int]:
+    """(block_k, parts) for decode.py: keys per tile, and parts per sequence's keys.
+
+    A tile holds K and V of every KV head, so it is as long as keeps them within
+    DECODE_TILE_BYTES as float32 (16 to 256 keys). A sequence's keys are split when there
+    are fewer than two sequences per thread, into parts enough for two per thread.
+    """
+    block_k = 256
+    while block_k > 16 and 2 * kv_heads * block_k * head_dim * 4 > DECODE_TILE_BYTES:
+        block_k //= 2
+    if sequences >= 2 * threads or sequences == 0:
+        return block_k, 1
+    tiles = max(1, -(-longest_keys // block_k))
+    return block_k, min(tiles, -(-2 * threads // sequences))
 
 
 def _words(raw: RawArray) -> np.ndarray:
@@ -88,17 +135,22 @@ class CpuBackend:
         All arrays are 4-D (batch, seqlen, heads, head_dim); ``lse`` is (batch, heads, seqlen).
         """
         table = sequences.table
-        block_q, block_k = tile_sizes(
-            spec.head_dim, table[:, 2], spec.num_heads_q, numba.get_num_threads()
-        )
-        tiles = -(-table[:, 2] // block_q)
-        tile_offsets = np.concatenate(([0], np.cumsum(tiles))).astype(np.int64)
+        threads = numba.get_num_threads()
         lse_array = (
             lse.numpy()
             if lse is not None
             else np.empty((q.shape[0], spec.num_heads_q, q.shape[1]), np.float32)
         )
         sink_array = sinks.numpy() if sinks is not None else np.zeros(1, np.float32)
+        if sequences.max_query_len <= DECODE_QUERY_ROWS:
+            self._decode(spec, q, k, v, out, lse_array, sinks, sink_array, sequences, threads)
+            return
+        block_q, block_k = tile_sizes(spec.head_dim, table[:, 2], spec.num_heads_q, threads)
+        tiles = -(-table[:, 2] // block_q)
+        packed_heads = heads_per_tile(
+            spec.group_size, block_q, int(tiles.sum()), spec.num_heads_q, threads
+        )
+        tile_offsets = np.concatenate(([0], np.cumsum(tiles))).astype(np.int64)
         words = word_dtype(spec.dtype)
         with _single_threaded_blas():
             attention_forward(words)(
@@ -118,8 +170,47 @@ class CpuBackend:
                 spec.window_right,
                 spec.sink_tokens,
                 block_q,
+                packed_heads,
                 block_k,
-                numba.get_num_threads(),
+                threads,
+            )
+
+    @staticmethod
+    def _decode(spec, q, k, v, out, lse_array, sinks, sink_array, sequences, threads) -> None:
+        """forward() for sequences of at most DECODE_QUERY_ROWS query rows (decode.py)."""
+        table = sequences.table
+        longest_keys = int(table[:, SEQ_K_LEN].max(initial=0))
+        block_k, parts = decode_plan(
+            spec.num_heads_kv, spec.head_dim, longest_keys, len(table), threads
+        )
+        rows = max(sequences.max_query_len, 1) * spec.num_heads_q
+        # Room for each part's running state: unnormalized output, row maximum, row sum.
+        part_acc = np.empty((len(table), parts, rows, spec.head_dim), np.float32)
+        part_max = np.empty((len(table), parts, rows), np.float32)
+        part_sum = np.empty((len(table), parts, rows), np.float32)
+        words = word_dtype(spec.dtype)
+        with _single_threaded_blas():
+            decode_forward(words)(
+                _words(q),
+                _words(k),
+                _words(v),
+                _words(out),
+                lse_array,
+                sink_array,
+                sinks is not None,
+                table,
+                dtype_code(spec.dtype),
+                spec.scale,
+                spec.softcap,
+                spec.window_left,
+                spec.window_right,
+                spec.sink_tokens,
+                block_k,
+                parts,
+                threads,
+                part_acc,
+                part_max,
+                part_sum,
             )
 
     def merge(self, out_a, lse_a, out_b, lse_b, out, lse, stream=None) -> None:

@@ -13,6 +13,11 @@ a pointer from the process that compiled it.
 
 sgemm is column-major: a row-major (rows x cols) matrix with row stride ``ld`` is, to it,
 the column-major (cols x rows) transpose with leading dimension ``ld``.
+
+With a few rows of A (decoding: a query row per head), sgemm spends its time copying the K or
+V tile into its packed layout, far more than on the arithmetic it then does on it (the copy
+routines took most of the kernel's time under perf). Such products are plain loops here that
+read each row of the tile once, where it lies, for all rows of A.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
+
+from .intrinsics import FAST_MATH, float32_pointer
+
+# Products with at most this many rows of A are loops rather than sgemm calls (see above).
+FEW_ROWS = 8
 
 _SYMBOL = "cuattn_scipy_sgemm"
 llvmlite.binding.add_symbol(
@@ -100,9 +110,50 @@ def _call(transpose_a, transpose_b, m, n, k, a, lda, b, ldb, beta, c, ldc, argum
 
 
 @numba.njit(inline="always")
+def _rows(at, rows, cols, ld):
+    """The row-major (rows x cols) float32 matrix at address ``at`` with row stride ``ld``,
+    as a 2-D array with rows of ``ld`` elements, of which only the first ``cols`` are its."""
+    return numba.carray(float32_pointer(at), (rows, ld))[:, :cols]
+
+
+@numba.njit(fastmath=FAST_MATH)
+def _few_rows_transposed(rows_a, rows_b, depth, a, lda, b, ldb, out, ld_out):
+    """matmul_transposed by dot products, B's rows in the outer loop."""
+    a_rows = _rows(a, rows_a, depth, lda)
+    b_rows = _rows(b, rows_b, depth, ldb)
+    out_rows = _rows(out, rows_a, rows_b, ld_out)
+    for j in range(rows_b):
+        b_row = b_rows[j]
+        for i in range(rows_a):
+            a_row = a_rows[i]
+            total = np.float32(0.0)
+            for d in range(depth):
+                total += a_row[d] * b_row[d]
+            out_rows[i, j] = total
+
+
+@numba.njit(fastmath=FAST_MATH)
+def _few_rows_accumulate(rows_a, cols_b, depth, a, lda, b, ldb, out, ld_out):
+    """matmul_accumulate by scaled row additions, B's rows in the outer loop."""
+    a_rows = _rows(a, rows_a, depth, lda)
+    b_rows = _rows(b, depth, cols_b, ldb)
+    out_rows = _rows(out, rows_a, cols_b, ld_out)
+    for d in range(depth):
+        b_row = b_rows[d]
+        for i in range(rows_a):
+            weight = a_rows[i, d]
+            out_row = out_rows[i]
+            for j in range(cols_b):
+                out_row[j] += weight * b_row[j]
+
+
+@numba.njit(inline="always")
 def matmul_transposed(rows_a, rows_b, depth, a, lda, b, ldb, out, ld_out, arguments):
     """out = A B^T: A is (rows_a x depth), B (rows_b x depth), out (rows_a x rows_b), all
     row-major float32 at the given addresses with the given row strides (in elements)."""
+    if rows_a <= FEW_ROWS:
+        _few_rows_transposed(rows_a, rows_b, depth, a, lda, b, ldb, out, ld_out)
+        return
     # Column-major: out^T (rows_b x rows_a) = B (B^T stored, transposed) A^T (stored).
     _call(True, False, rows_b, rows_a, depth, b, ldb, a, lda, 0.0, out, ld_out, arguments)
 
@@ -111,5 +162,8 @@ def matmul_transposed(rows_a, rows_b, depth, a, lda, b, ldb, out, ld_out, argume
 def matmul_accumulate(rows_a, cols_b, depth, a, lda, b, ldb, out, ld_out, arguments):
     """out += A B: A is (rows_a x depth), B (depth x cols_b), out (rows_a x cols_b), all
     row-major float32 at the given addresses with the given row strides (in elements)."""
+    if rows_a <= FEW_ROWS:
+        _few_rows_accumulate(rows_a, cols_b, depth, a, lda, b, ldb, out, ld_out)
+        return
     # Column-major: out^T (cols_b x rows_a) += B^T (stored) A^T (stored).
     _call(False, False, cols_b, rows_a, depth, b, ldb, a, lda, 1.0, out, ld_out, arguments)

@@ -1,11 +1,13 @@
-"""numba's on-disk cache for the CPU kernel, kept fresh across every file it is compiled from.
+"""numba's on-disk cache for the CPU kernels, kept fresh across every file they are compiled
+from.
 
-numba checks a cached function against the file that defines it and nothing else. The kernel
-in flash.py inlines code from bits.py, exp2.py, blas.py and intrinsics.py: after a change to
-one of those alone (an upgrade that left flash.py as it was, whose old cache files stay
-behind in ``__pycache__``, or an edit in a checkout), numba loaded the machine code compiled
-from the old one. Here the cache's freshness stamp also covers the contents of every given
-source file, so a change to any of them compiles the kernel again.
+numba checks a cached function against the file that defines it and nothing else. The kernels
+in flash.py and decode.py inline code from the backend's other files (bits.py, exp2.py,
+blas.py, mask.py, ...): after a change to one of those alone (an upgrade that left the
+kernel's own file as it was, whose old cache files stay behind in ``__pycache__``, or an
+edit in a checkout), numba loaded the machine code compiled from the old one. Here the
+cache's freshness stamp also covers the contents of every given source file, so a change to
+any of them compiles the kernel again.
 
 This reaches into numba's caching classes (``FunctionCache`` and a dispatcher's ``_cache``),
 which numba does not document; tests/test_cpu_caching.py checks the behaviour end to end, so

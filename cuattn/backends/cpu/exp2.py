@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .intrinsics import float_from_bits
+from .intrinsics import FAST_MATH, float_from_bits
 
 # Below 2**-125 a probability is indistinguishable from zero next to the row maximum (1):
 # it is flushed to 0, which also keeps n inside float32's normal exponents.
@@ -28,7 +28,7 @@ _C5 = np.float32(1.33999312e-03)
 _C6 = np.float32(1.53458099e-04)
 
 
-@numba.njit(inline="always", fastmath={"contract", "arcp", "nsz", "reassoc"})
+@numba.njit(inline="always", fastmath=FAST_MATH)
 def exp2_in_place(values, shift, count):
     """``values[i] = 2 ** (values[i] - shift)`` for ``values[i] <= shift``, and their sum.
 

@@ -6,6 +6,12 @@ each tile of keys gives scores by one matrix product, probabilities by one pass 
 ``exp2``, and adds ``P @ V`` after rescaling what was accumulated by ``2**(m_old - m_new)``.
 Nothing of size seqlen_q x seqlen_k exists: extra memory is a few tiles per thread.
 
+The query heads that share a KV head can share a tile too (grouped-query attention):
+its rows are then (query position, head) pairs, position-major, and each K and V tile it
+reads serves every head of it. A short query (a chunk of a prompt, longer than decode.py
+takes) would otherwise leave most of a tile of one head empty and read the keys once per
+query head instead of once per KV head.
+
 Scores are kept in base 2 (``log2(e)`` is folded into the query scale), so every
 exponential is an ``exp2``. Tiles that the mask hides entirely are never visited; tiles
 that it cuts are masked element by element; all others are not masked at all.
@@ -24,7 +30,8 @@ from .bits import FLOAT32, narrow_bits, widen_row
 from .blas import address, gemm_arguments, matmul_accumulate, matmul_transposed
 from .caching import compile_cached
 from .exp2 import exp2_in_place
-from .intrinsics import maximum
+from .intrinsics import FAST_MATH, maximum
+from .mask import hidden_columns, key_runs, key_tile, key_tile_counts, rows_to_visit
 
 LOG2E = np.float32(1.0 / math.log(2.0))
 LN2 = np.float32(math.log(2.0))
@@ -34,78 +41,33 @@ LN2 = np.float32(math.log(2.0))
 # (varlen) batches and KV caches.
 SEQ_BATCH, SEQ_Q_START, SEQ_Q_LEN, SEQ_K_START, SEQ_K_LEN = range(5)
 
-# Flags that keep reductions vectorized while -inf keeps its meaning (no "ninf"/"nnan").
-_FAST = {"contract", "arcp", "nsz", "reassoc"}
-
 
 @numba.njit(inline="always")
-def hidden_columns(key_begin, keys, position, window_left, window_right, sink_tokens):
-    """SEMANTICS.md's mask on one row of a key tile, as column ranges: a query at
-    ``position`` does not see columns [sink_end, begin) and [end, keys) of the tile of
-    ``keys`` keys from ``key_begin`` (-1 = unbounded). Columns left of ``sink_end`` are sink
-    tokens, which ignore the left bound; those right of ``end`` break the right one."""
-    end = keys
-    if window_right >= 0:
-        end = min(keys, max(0, position + window_right + 1 - key_begin))
-    begin = 0
-    if window_left >= 0:
-        begin = min(end, max(0, position - window_left - key_begin))
-    sink_end = min(begin, max(0, sink_tokens - key_begin))
-    return sink_end, begin, end
+def query_multiplier(scale, softcap):
+    """What query rows are multiplied by as they are loaded: the scale, and without softcap
+    also log2(e), so that scores come out in base 2 at no cost (with softcap, the conversion
+    comes after the tanh)."""
+    return np.float32(scale) if softcap > 0.0 else np.float32(scale) * LOG2E
 
 
-@numba.njit(inline="always")
-def _sees_a_key(key_begin, keys, position, window_left, window_right, sink_tokens):
-    sink_end, begin, end = hidden_columns(
-        key_begin, keys, position, window_left, window_right, sink_tokens
-    )
-    return sink_end > 0 or begin < end
-
-
-@numba.njit(inline="always")
-def rows_seeing(key_begin, keys, first_position, rows, window_left, window_right, sink_tokens):
-    """The rows [row_begin, row_end) of a query tile from ``first_position`` that see a key
-    of a key tile. The rest see none of its keys, so skipping them changes nothing: under a
-    causal mask, the diagonal's rows above the tile's first key. Along the rows, both ends
-    of the window move right and the sink tokens stay seen once seen, so the rows that see
-    a key are one run."""
-    row_begin = 0
-    while row_begin < rows and not _sees_a_key(
-        key_begin, keys, first_position + row_begin, window_left, window_right, sink_tokens
-    ):
-        row_begin += 1
-    row_end = rows
-    while row_end > row_begin and not _sees_a_key(
-        key_begin, keys, first_position + row_end - 1, window_left, window_right, sink_tokens
-    ):
-        row_end -= 1
-    return row_begin, row_end
-
-
-@numba.njit(inline="always")
-def tile_fully_visible(
-    key_begin, key_end, first_position, last_position, window_left, window_right, sink_tokens
-):
-    """Whether every key of [key_begin, key_end) is visible from every row of a tile."""
-    if window_right >= 0 and key_end - 1 > first_position + window_right:
-        return False
-    if window_left >= 0 and key_begin < last_position - window_left and key_end > sink_tokens:
-        return False
-    return True
-
-
-@numba.njit(fastmath=_FAST)
-def _load_rows(src, batch, first_row, head, rows, code, multiplier, dst, dst_bits):
-    """Rows ``first_row .. first_row + rows`` of ``src[batch, :, head, :]`` as float32."""
+@numba.njit(fastmath=FAST_MATH)
+def load_rows(src, batch, first_row, first_head, rows, heads, code, multiplier, dst, dst_bits):
+    """Rows ``first_row .. first_row + rows`` of ``src[batch, :, first_head + h, :]`` for
+    ``heads`` heads as float32, position-major: row ``r`` of head ``h`` goes to
+    ``dst[r * heads + h]``."""
     head_dim = src.shape[3]
     for r in range(rows):
-        widen_row(src[batch, first_row + r, head], code, dst_bits[r], dst[r], head_dim)
-        if multiplier != 1.0:
-            for d in range(head_dim):
-                dst[r, d] *= multiplier
+        for h in range(heads):
+            at = r * heads + h
+            widen_row(
+                src[batch, first_row + r, first_head + h], code, dst_bits[at], dst[at], head_dim
+            )
+            if multiplier != 1.0:
+                for d in range(head_dim):
+                    dst[at, d] *= multiplier
 
 
-@numba.njit(fastmath=_FAST)
+@numba.njit(fastmath=FAST_MATH)
 def _float32_rows(src, batch, first_row, head, rows, code, tile, tile_bits):
     """Rows ``first_row .. first_row + rows`` of ``src[batch, :, head, :]`` for sgemm: their
     address and row stride in elements. float32 rows are read where they are, when BLAS
@@ -115,12 +77,12 @@ def _float32_rows(src, batch, first_row, head, rows, code, tile, tile_bits):
     usable = row_stride % 4 == 0 and src.shape[3] <= row_stride // 4 < 2**31
     if code == FLOAT32 and usable:
         return address(src[batch, first_row, head]), row_stride // 4
-    _load_rows(src, batch, first_row, head, rows, code, 1.0, tile, tile_bits)
+    load_rows(src, batch, first_row, head, rows, 1, code, 1.0, tile, tile_bits)
     return address(tile), np.int64(tile.shape[1])
 
 
-@numba.njit(fastmath=_FAST)
-def _attend_key_block(
+@numba.njit(fastmath=FAST_MATH)
+def attend_key_block(
     q_tile,
     keys_at,
     keys_row_stride,
@@ -131,10 +93,10 @@ def _attend_key_block(
     row_max,
     row_sum,
     rows,
+    heads,
     keys,
     key_begin,
     first_position,
-    softcap_log2,
     softcap,
     masked,
     window_left,
@@ -142,9 +104,11 @@ def _attend_key_block(
     sink_tokens,
     gemm_scratch,
 ):
-    """Fold keys [key_begin, key_begin + keys) into the running state of ``rows`` rows.
+    """Fold keys [key_begin, key_begin + keys) into the running state of ``rows`` rows,
+    row ``r`` at query position ``first_position + r // heads``.
 
-    K and V rows are float32 at ``keys_at`` and ``values_at`` (addresses, _float32_rows).
+    K and V rows are float32 at ``keys_at`` and ``values_at`` (addresses), with the given
+    row strides in elements.
     """
     head_dim = q_tile.shape[1]
     scores = scores_flat[: rows * keys].reshape((rows, keys))
@@ -162,13 +126,14 @@ def _attend_key_block(
     )
     if softcap > 0.0:
         # softcap * tanh(s / softcap) in natural units, then into base 2.
+        softcap_log2 = np.float32(softcap) * LOG2E
         for r in range(rows):
             for c in range(keys):
                 scores[r, c] = softcap_log2 * np.tanh(scores[r, c] / softcap)
     if masked:
         for r in range(rows):
             sink_end, begin, end = hidden_columns(
-                key_begin, keys, first_position + r, window_left, window_right, sink_tokens
+                key_begin, keys, first_position + r // heads, window_left, window_right, sink_tokens
             )
             scores[r, sink_end:begin] = -np.inf
             scores[r, end:keys] = -np.inf
@@ -202,7 +167,7 @@ def _attend_key_block(
     )
 
 
-@numba.njit(fastmath=_FAST)
+@numba.njit(fastmath=FAST_MATH)
 def _attend_query_tile(
     q,
     k,
@@ -212,10 +177,11 @@ def _attend_query_tile(
     sinks,
     has_sinks,
     batch,
-    head,
+    first_head,
+    heads,
     kv_head,
     q_begin,
-    rows,
+    positions,
     k_start,
     k_len,
     offset,
@@ -228,6 +194,8 @@ def _attend_query_tile(
     block_k,
     scratch,
 ):
+    """Rows ``q_begin .. q_begin + positions`` of query heads ``first_head .. first_head +
+    heads``, which all read KV head ``kv_head``: attention over the keys they see."""
     (
         q_tile,
         q_bits,
@@ -243,10 +211,19 @@ def _attend_query_tile(
         row_out_bits,
         gemm_scratch,
     ) = scratch
-    head_dim = q.shape[3]
-    # Without softcap the base-2 conversion rides on the query scale for free.
-    q_multiplier = np.float32(scale) if softcap > 0.0 else np.float32(scale) * LOG2E
-    _load_rows(q, batch, q_begin, head, rows, code, q_multiplier, q_tile, q_bits)
+    rows = positions * heads
+    load_rows(
+        q,
+        batch,
+        q_begin,
+        first_head,
+        positions,
+        heads,
+        code,
+        query_multiplier(scale, softcap),
+        q_tile,
+        q_bits,
+    )
     acc[:rows] = 0.0
     row_max[:rows] = -np.inf
     row_sum[:rows] = 0.0
@@ -254,69 +231,97 @@ def _attend_query_tile(
     # Bottom-right alignment: query row i stands at key position i + offset (offset
     # already accounts for where the sequence starts in the seqlen axis).
     first_position = q_begin + offset
-    last_position = first_position + rows - 1
-    main_end = k_len if window_right < 0 else min(k_len, last_position + window_right + 1)
-    main_begin = 0 if window_left < 0 else min(max(0, first_position - window_left), main_end)
-    # Sink tokens sit left of the window and are visited as a range of their own.
-    sink_end = min(sink_tokens, main_begin)
-    softcap_log2 = np.float32(softcap) * LOG2E
-    for range_begin, range_end in ((0, sink_end), (main_begin, main_end)):
-        for key_begin in range(range_begin, range_end, block_k):
-            keys = min(block_k, range_end - key_begin)
-            masked = not tile_fully_visible(
-                key_begin,
-                key_begin + keys,
-                first_position,
-                last_position,
-                window_left,
-                window_right,
-                sink_tokens,
-            )
-            row_begin, row_end = 0, rows
-            if masked:
-                row_begin, row_end = rows_seeing(
-                    key_begin,
-                    keys,
-                    first_position,
-                    rows,
-                    window_left,
-                    window_right,
-                    sink_tokens,
-                )
-            if row_begin == row_end:
-                continue
-            first_key = k_start + key_begin
-            keys_at, keys_row_stride = _float32_rows(
-                k, batch, first_key, kv_head, keys, code, k_tile, k_bits
-            )
-            values_at, values_row_stride = _float32_rows(
-                v, batch, first_key, kv_head, keys, code, v_tile, v_bits
-            )
-            _attend_key_block(
-                q_tile[row_begin:],
-                keys_at,
-                keys_row_stride,
-                values_at,
-                values_row_stride,
-                scores_flat,
-                acc[row_begin:],
-                row_max[row_begin:],
-                row_sum[row_begin:],
-                row_end - row_begin,
-                keys,
-                key_begin,
-                first_position + row_begin,
-                softcap_log2,
-                softcap,
-                masked,
-                window_left,
-                window_right,
-                sink_tokens,
-                gemm_scratch,
-            )
+    sink_end, main_begin, main_end = key_runs(
+        first_position,
+        first_position + positions - 1,
+        k_len,
+        window_left,
+        window_right,
+        sink_tokens,
+    )
+    sink_tiles, tiles = key_tile_counts(sink_end, main_begin, main_end, block_k)
+    for tile in range(tiles):
+        key_begin, keys = key_tile(tile, sink_tiles, sink_end, main_begin, main_end, block_k)
+        masked, seeing_begin, seeing_end = rows_to_visit(
+            key_begin, keys, first_position, positions, window_left, window_right, sink_tokens
+        )
+        if seeing_begin == seeing_end:
+            continue
+        first_key = k_start + key_begin
+        keys_at, keys_row_stride = _float32_rows(
+            k, batch, first_key, kv_head, keys, code, k_tile, k_bits
+        )
+        values_at, values_row_stride = _float32_rows(
+            v, batch, first_key, kv_head, keys, code, v_tile, v_bits
+        )
+        row_begin = seeing_begin * heads
+        attend_key_block(
+            q_tile[row_begin:],
+            keys_at,
+            keys_row_stride,
+            values_at,
+            values_row_stride,
+            scores_flat,
+            acc[row_begin:],
+            row_max[row_begin:],
+            row_sum[row_begin:],
+            (seeing_end - seeing_begin) * heads,
+            heads,
+            keys,
+            key_begin,
+            first_position + seeing_begin,
+            softcap,
+            masked,
+            window_left,
+            window_right,
+            sink_tokens,
+            gemm_scratch,
+        )
+    finish_rows(
+        out,
+        lse,
+        sinks,
+        has_sinks,
+        batch,
+        q_begin,
+        first_head,
+        heads,
+        rows,
+        code,
+        acc,
+        row_max,
+        row_sum,
+        row_out,
+        row_out_bits,
+    )
 
-    sink_log2 = sinks[head] * LOG2E if has_sinks else np.float32(-np.inf)
+
+@numba.njit(fastmath=FAST_MATH)
+def finish_rows(
+    out,
+    lse,
+    sinks,
+    has_sinks,
+    batch,
+    q_begin,
+    first_head,
+    heads,
+    rows,
+    code,
+    acc,
+    row_max,
+    row_sum,
+    row_out,
+    row_out_bits,
+):
+    """Write the outputs and lse of ``rows`` rows of running state, position-major over
+    query heads ``first_head .. first_head + heads`` from query row ``q_begin``: the
+    accumulated output over the denominator, the learned sink included."""
+    head_dim = acc.shape[1]
     for r in range(rows):
+        position = r // heads
+        head = first_head + r - position * heads
+        sink_log2 = sinks[head] * LOG2E if has_sinks else np.float32(-np.inf)
         # The learned sink is one more logit in the denominator, with a zero value.
         final_max = maximum(row_max[r], sink_log2)
         if final_max == -np.inf:
@@ -329,13 +334,13 @@ def _attend_query_tile(
         inverse = weight / denominator if denominator != 0.0 else np.float32(0.0)
         for d in range(head_dim):
             row_out[d] = acc[r, d] * inverse
-        row = out[batch, q_begin + r, head]
+        row = out[batch, q_begin + position, head]
         for d in range(head_dim):
             row[d] = narrow_bits(row_out_bits[d], code)
         if denominator != 0.0:
-            lse[batch, head, q_begin + r] = (final_max + np.log2(denominator)) * LN2
+            lse[batch, head, q_begin + position] = (final_max + np.log2(denominator)) * LN2
         else:
-            lse[batch, head, q_begin + r] = -np.inf
+            lse[batch, head, q_begin + position] = -np.inf
 
 
 def _attention_forward(
@@ -355,27 +360,31 @@ def _attention_forward(
     window_right,
     sink_tokens,
     block_q,
+    heads_per_tile,
     block_k,
     lanes,
 ):
-    """Attention over every (sequence, query head, query tile), ``lanes`` threads.
+    """Attention over every (sequence, query tile, group of query heads), ``lanes`` threads.
 
     ``q``, ``k``, ``v``, ``out``: (batch, seqlen, heads, head_dim) arrays of stored words
     (see bits.py); ``lse``: float32 (batch, heads_q, seqlen_q); ``seqs``: int64
     (num_seqs, 5) descriptors; ``tile_offsets``: int64 (num_seqs + 1,) prefix sums of
-    each sequence's query tiles.
+    each sequence's query tiles of ``block_q`` rows; ``heads_per_tile``: how many query
+    heads of one KV head a tile holds (a divisor of the group size), ``block_q`` rows each.
     """
     num_heads_q = q.shape[2]
     head_dim = q.shape[3]
     group = num_heads_q // k.shape[2]
-    total_work = tile_offsets[-1] * num_heads_q
+    head_blocks = num_heads_q // heads_per_tile
+    total_work = tile_offsets[-1] * head_blocks
+    tile_rows = block_q * heads_per_tile
     # Work goes round-robin to the lanes rather than in contiguous chunks: with a causal
     # mask later query tiles cost more, and interleaving keeps the threads even.
     for lane in prange(lanes):
-        q_tile = np.empty((block_q, head_dim), np.float32)
+        q_tile = np.empty((tile_rows, head_dim), np.float32)
         k_tile = np.empty((block_k, head_dim), np.float32)
         v_tile = np.empty((block_k, head_dim), np.float32)
-        scores = np.empty(block_q * block_k, np.float32)
+        scores = np.empty(tile_rows * block_k, np.float32)
         row_out = np.empty(head_dim, np.float32)
         scratch = (
             q_tile,
@@ -385,16 +394,16 @@ def _attention_forward(
             v_tile,
             v_tile.view(np.uint32),
             scores,
-            np.empty((block_q, head_dim), np.float32),
-            np.empty(block_q, np.float32),
-            np.empty(block_q, np.float32),
+            np.empty((tile_rows, head_dim), np.float32),
+            np.empty(tile_rows, np.float32),
+            np.empty(tile_rows, np.float32),
             row_out,
             row_out.view(np.uint32),
             gemm_arguments(),
         )
         for work in range(lane, total_work, lanes):
-            tile = work // num_heads_q
-            head = work - tile * num_heads_q
+            tile = work // head_blocks
+            first_head = (work - tile * head_blocks) * heads_per_tile
             seq = np.searchsorted(tile_offsets, tile, side="right") - 1
             q_len = seqs[seq, SEQ_Q_LEN]
             k_len = seqs[seq, SEQ_K_LEN]
@@ -408,8 +417,9 @@ def _attention_forward(
                 sinks,
                 has_sinks,
                 seqs[seq, SEQ_BATCH],
-                head,
-                head // group,
+                first_head,
+                heads_per_tile,
+                first_head // group,
                 seqs[seq, SEQ_Q_START] + q_begin,
                 min(block_q, q_len - q_begin),
                 seqs[seq, SEQ_K_START],
@@ -428,7 +438,7 @@ def _attention_forward(
 
 _compiled: dict[np.dtype, object] = {}
 # Everything the kernel is compiled from: its cache is stale when any of them changes.
-_SOURCES = sorted(Path(__file__).parent.glob("*.py"))
+SOURCES = sorted(Path(__file__).parent.glob("*.py"))
 
 
 def attention_forward(word_dtype: np.dtype):
@@ -466,8 +476,9 @@ def attention_forward(word_dtype: np.dtype):
             int64,
             int64,
             int64,
+            int64,
         )
         _compiled[word_dtype] = compile_cached(
-            _attention_forward, signature, _SOURCES, parallel=True
+            _attention_forward, signature, SOURCES, parallel=True
         )
     return _compiled[word_dtype]

@@ -1,6 +1,6 @@
-"""Two scalar operations numba has no spelling for, as single LLVM instructions.
+"""Operations numba has no spelling for, as single LLVM instructions.
 
-Both exist so that the loops of the softmax vectorize:
+The first two exist so that the loops of the softmax vectorize:
 
 - ``maximum``: numba's ``max`` and a hand-written ``a if a > b else b`` are compare-and-select,
   which LLVM turns into a vector reduction only under the no-NaN fast-math flag. That flag
@@ -8,6 +8,9 @@ Both exist so that the loops of the softmax vectorize:
   NaN-propagating maximum, whose reductions LLVM vectorizes without it.
 - ``float_from_bits``: the float32 whose bits are an integer's low 32, for building 2**n in
   the exponent field within the loop that uses it (numba reinterprets whole arrays only).
+
+``float32_pointer`` makes an address a typed pointer, for ``numba.carray`` to view as an
+array the memory that the kernels hold as an address (blas.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from numba import types
 from numba.extending import intrinsic
 
 _FLOAT = ir.FloatType()
+
+# The fast-math flags the CPU kernels compile with: those that let reductions vectorize while
+# -inf and NaN keep their meaning (no "ninf" or "nnan").
+FAST_MATH = {"contract", "arcp", "nsz", "reassoc"}
 
 
 @intrinsic
@@ -47,3 +54,16 @@ def float_from_bits(typingctx, bits):
         return builder.bitcast(value, _FLOAT)
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def float32_pointer(typingctx, address):
+    """The integer ``address`` as a pointer to float32."""
+    if not isinstance(address, types.Integer):
+        return None
+    pointer = types.CPointer(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address), codegen

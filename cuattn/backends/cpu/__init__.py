@@ -183,11 +183,13 @@ class CpuBackend:
         block_k, parts = decode_plan(
             spec.num_heads_kv, spec.head_dim, longest_keys, len(table), threads
         )
+        # Room for each part's running state (unnormalized output, row maximum, row sum),
+        # needed only when parts merge: one part writes its rows itself.
+        stored = 0 if parts == 1 else len(table)
         rows = max(sequences.max_query_len, 1) * spec.num_heads_q
-        # Room for each part's running state: unnormalized output, row maximum, row sum.
-        part_acc = np.empty((len(table), parts, rows, spec.head_dim), np.float32)
-        part_max = np.empty((len(table), parts, rows), np.float32)
-        part_sum = np.empty((len(table), parts, rows), np.float32)
+        part_acc = np.empty((stored, parts, rows, spec.head_dim), np.float32)
+        part_max = np.empty((stored, parts, rows), np.float32)
+        part_sum = np.empty((stored, parts, rows), np.float32)
         words = word_dtype(spec.dtype)
         with _single_threaded_blas():
             decode_forward(words)(

@@ -79,7 +79,8 @@ def _attend_part(
     row_sum,
 ):
     """The running state of every row of the sequence described by ``seq`` (its row of the
-    sequence table) over part ``part`` of ``parts`` of the key tiles it sees."""
+    sequence table) over part ``part`` of ``parts`` of the key tiles it sees, from row 0 of
+    ``acc``, ``row_max`` and ``row_sum``; ``scratch`` is _lane_scratch's."""
     q_tile, q_bits, k_tile, k_bits, v_tile, v_bits, scores_flat, gemm_scratch = scratch
     batch, q_start, q_len = seq[SEQ_BATCH], seq[SEQ_Q_START], seq[SEQ_Q_LEN]
     kv_heads = k.shape[2]
@@ -175,6 +176,50 @@ def _merge_parts(part_acc, part_max, part_sum, first_row, rows, acc, row_max, ro
                 acc[r, d] += part_acc[part, first_row + r, d] * weight
 
 
+@numba.njit(fastmath=FAST_MATH)
+def _lane_scratch(rows, kv_heads, group_rows, block_k, head_dim):
+    """One thread's tiles for _attend_part: the query rows of a sequence, a K and a V tile
+    of every KV head, the scores of one group's rows, and sgemm's arguments."""
+    q_tile = np.empty((rows, head_dim), np.float32)
+    k_tile = np.empty((kv_heads, block_k, head_dim), np.float32)
+    v_tile = np.empty((kv_heads, block_k, head_dim), np.float32)
+    return (
+        q_tile,
+        q_tile.view(np.uint32),
+        k_tile,
+        k_tile.view(np.uint32),
+        v_tile,
+        v_tile.view(np.uint32),
+        np.empty(group_rows * block_k, np.float32),
+        gemm_arguments(),
+    )
+
+
+@numba.njit(fastmath=FAST_MATH)
+def _finish_sequence(
+    out, lse, sinks, has_sinks, seq, kv_head, group, code, acc, row_max, row_sum, row_out
+):
+    """Write the rows of query heads ``kv_head * group ..`` of the sequence ``seq`` from
+    their running state, which starts at row 0 of ``acc``, ``row_max`` and ``row_sum``."""
+    finish_rows(
+        out,
+        lse,
+        sinks,
+        has_sinks,
+        seq[SEQ_BATCH],
+        seq[SEQ_Q_START],
+        kv_head * group,
+        group,
+        seq[SEQ_Q_LEN] * group,
+        code,
+        acc,
+        row_max,
+        row_sum,
+        row_out,
+        row_out.view(np.uint32),
+    )
+
+
 def _decode_forward(
     q,
     k,
@@ -200,61 +245,99 @@ def _decode_forward(
     """Attention for every sequence of ``seqs`` (flash.py's descriptors), ``lanes`` threads,
     each sequence's key tiles split into ``parts`` parts.
 
+    With one part, a thread writes a sequence's rows from its own state. With more,
     ``part_acc`` (num_seqs, parts, rows, head_dim), ``part_max`` and ``part_sum`` (num_seqs,
-    parts, rows): float32 room for the parts' states, ``rows`` = the longest query x heads_q.
+    parts, rows) are float32 room for the parts' states, ``rows`` = the longest query x
+    heads_q; with one they are not used.
     """
     num_seqs = seqs.shape[0]
     head_dim = q.shape[3]
     kv_heads = k.shape[2]
     group = q.shape[2] // kv_heads
-    rows = part_max.shape[2]
+    longest = 1
+    for seq in range(num_seqs):
+        longest = max(longest, seqs[seq, SEQ_Q_LEN])
+    rows = longest * q.shape[2]
+    whole = parts == 1
     for lane in prange(lanes):
-        q_tile = np.empty((rows, head_dim), np.float32)
-        k_tile = np.empty((kv_heads, block_k, head_dim), np.float32)
-        v_tile = np.empty((kv_heads, block_k, head_dim), np.float32)
-        scratch = (
-            q_tile,
-            q_tile.view(np.uint32),
-            k_tile,
-            k_tile.view(np.uint32),
-            v_tile,
-            v_tile.view(np.uint32),
-            np.empty(rows * block_k, np.float32),
-            gemm_arguments(),
-        )
+        scratch = _lane_scratch(rows, kv_heads, longest * group, block_k, head_dim)
+        # A sequence's state, for a thread that does all of its keys.
+        acc = np.empty((rows if whole else 0, head_dim), np.float32)
+        row_max = np.empty(acc.shape[0], np.float32)
+        row_sum = np.empty(acc.shape[0], np.float32)
+        row_out = np.empty(head_dim, np.float32)
         for work in range(lane, num_seqs * parts, lanes):
             seq = work // parts
             part = work - seq * parts
-            _attend_part(
-                q,
-                k,
-                v,
-                seqs[seq],
-                part,
-                parts,
-                code,
-                scale,
-                softcap,
-                window_left,
-                window_right,
-                sink_tokens,
-                block_k,
-                scratch,
-                part_acc[seq, part],
-                part_max[seq, part],
-                part_sum[seq, part],
-            )
+            if whole:
+                _attend_part(
+                    q,
+                    k,
+                    v,
+                    seqs[seq],
+                    0,
+                    1,
+                    code,
+                    scale,
+                    softcap,
+                    window_left,
+                    window_right,
+                    sink_tokens,
+                    block_k,
+                    scratch,
+                    acc,
+                    row_max,
+                    row_sum,
+                )
+                group_rows = seqs[seq, SEQ_Q_LEN] * group
+                for kv_head in range(kv_heads):
+                    first_row = kv_head * group_rows
+                    _finish_sequence(
+                        out,
+                        lse,
+                        sinks,
+                        has_sinks,
+                        seqs[seq],
+                        kv_head,
+                        group,
+                        code,
+                        acc[first_row:],
+                        row_max[first_row:],
+                        row_sum[first_row:],
+                        row_out,
+                    )
+            else:
+                _attend_part(
+                    q,
+                    k,
+                    v,
+                    seqs[seq],
+                    part,
+                    parts,
+                    code,
+                    scale,
+                    softcap,
+                    window_left,
+                    window_right,
+                    sink_tokens,
+                    block_k,
+                    scratch,
+                    part_acc[seq, part],
+                    part_max[seq, part],
+                    part_sum[seq, part],
+                )
+    if whole:
+        return
     # Merged and written by (sequence, KV head): the rows of one group of query heads.
     for lane in prange(lanes):
-        acc = np.empty((rows, head_dim), np.float32)
-        row_max = np.empty(rows, np.float32)
-        row_sum = np.empty(rows, np.float32)
+        acc = np.empty((longest * group, head_dim), np.float32)
+        row_max = np.empty(acc.shape[0], np.float32)
+        row_sum = np.empty(acc.shape[0], np.float32)
         row_out = np.empty(head_dim, np.float32)
         for work in range(lane, num_seqs * kv_heads, lanes):
             seq = work // kv_heads
             kv_head = work - seq * kv_heads
-            q_len = seqs[seq, SEQ_Q_LEN]
-            group_rows = q_len * group
+            group_rows = seqs[seq, SEQ_Q_LEN] * group
             _merge_parts(
                 part_acc[seq],
                 part_max[seq],
@@ -265,22 +348,19 @@ def _decode_forward(
                 row_max,
                 row_sum,
             )
-            finish_rows(
+            _finish_sequence(
                 out,
                 lse,
                 sinks,
                 has_sinks,
-                seqs[seq, SEQ_BATCH],
-                seqs[seq, SEQ_Q_START],
-                kv_head * group,
+                seqs[seq],
+                kv_head,
                 group,
-                group_rows,
                 code,
                 acc,
                 row_max,
                 row_sum,
                 row_out,
-                row_out.view(np.uint32),
             )
 
 

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 import pytest
 
-from cuattn.backends.cpu import MAX_TILE_ROWS, heads_per_tile
+from cuattn.backends.cpu import MAX_TILE_ROWS, bits, heads_per_tile
 from cuattn.backends.cpu.bits import BFLOAT16, FLOAT16, narrow_bits, widen_row
 from cuattn.backends.cpu.blas import (
     FEW_ROWS,
@@ -16,7 +16,7 @@ from cuattn.backends.cpu.blas import (
     matmul_transposed,
 )
 from cuattn.backends.cpu.exp2 import exp2_in_place
-from cuattn.backends.cpu.intrinsics import FAST_MATH
+from cuattn.backends.cpu.intrinsics import FAST_MATH, HALF_CONVERSION_INSTRUCTION
 
 from .helpers import BFLOAT16 as BF16_DTYPE
 
@@ -24,7 +24,7 @@ from .helpers import BFLOAT16 as BF16_DTYPE
 @numba.njit
 def _widen(words, code):
     out = np.empty(words.size, np.float32)
-    widen_row(words, code, out.view(np.uint32), out, words.size)
+    widen_row(words, code, out.view(np.uint32), words.size)
     return out
 
 
@@ -44,6 +44,22 @@ def test_widening_is_exact_for_every_16_bit_pattern(code, dtype):
     words = np.arange(2**16, dtype=np.uint16)
     expected = words.view(dtype).astype(np.float32)
     got = _widen(words, code)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])
+
+
+@pytest.mark.parametrize("way", ["by_integers", "by_instruction"])
+def test_both_ways_of_widening_float16_are_exact(way):
+    """widen_row takes one of them, by the CPU: the other is tested here too."""
+    if way == "by_instruction" and not HALF_CONVERSION_INSTRUCTION:
+        pytest.skip("this CPU has no float16 conversion instruction")
+    widen = numba.njit(getattr(bits, f"_widen_half_{way}").py_func)
+    words = np.arange(2**16, dtype=np.uint16)
+    got = np.empty(words.size, np.uint32)
+    widen(words, got, words.size)
+    got = got.view(np.float32)
+    expected = words.view(np.float16).astype(np.float32)
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])

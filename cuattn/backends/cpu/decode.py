@@ -38,24 +38,21 @@ from .flash import (
     load_rows,
     query_multiplier,
 )
-from .intrinsics import FAST_MATH, maximum
+from .intrinsics import FAST_MATH, contiguous_row, maximum
 from .mask import key_runs, key_tile, key_tile_counts, rows_to_visit
 
 
 @numba.njit(fastmath=FAST_MATH)
-def _load_key_tile(src, batch, first_key, keys, code, tile, tile_bits):
+def _load_key_tile(src, batch, first_key, keys, code, tile_bits):
     """Rows ``first_key .. first_key + keys`` of ``src[batch]`` for every head, read in
-    address order: ``tile[head, key]`` is the float32 row of ``key`` for ``head``."""
+    address order: ``tile_bits[head, key]`` is the float32 row of ``key`` for ``head``, as
+    bits."""
     head_dim = src.shape[3]
     for key in range(keys):
         for head in range(src.shape[2]):
-            widen_row(
-                src[batch, first_key + key, head],
-                code,
-                tile_bits[head, key],
-                tile[head, key],
-                head_dim,
-            )
+            # Rows of head_dim are contiguous (spec.py checks it).
+            row = contiguous_row(src[batch, first_key + key, head])
+            widen_row(row, code, tile_bits[head, key], head_dim)
 
 
 @numba.njit(fastmath=FAST_MATH)
@@ -125,8 +122,8 @@ def _attend_part(
         if seeing_begin == seeing_end:
             continue
         first_key = seq[SEQ_K_START] + key_begin
-        _load_key_tile(k, batch, first_key, keys, code, k_tile, k_bits)
-        _load_key_tile(v, batch, first_key, keys, code, v_tile, v_bits)
+        _load_key_tile(k, batch, first_key, keys, code, k_bits)
+        _load_key_tile(v, batch, first_key, keys, code, v_bits)
         head_dim = q_tile.shape[1]
         for kv_head in range(kv_heads):
             row_begin = kv_head * group_rows + seeing_begin * group

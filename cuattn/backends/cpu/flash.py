@@ -30,7 +30,7 @@ from .bits import FLOAT32, narrow_bits, widen_row
 from .blas import address, gemm_arguments, matmul_accumulate, matmul_transposed
 from .caching import compile_cached
 from .exp2 import exp2_in_place
-from .intrinsics import FAST_MATH, maximum
+from .intrinsics import FAST_MATH, contiguous_row, maximum
 from .mask import hidden_columns, key_runs, key_tile, key_tile_counts, rows_to_visit
 
 LOG2E = np.float32(1.0 / math.log(2.0))
@@ -59,9 +59,9 @@ def load_rows(src, batch, first_row, first_head, rows, heads, code, multiplier, 
     for r in range(rows):
         for h in range(heads):
             at = r * heads + h
-            widen_row(
-                src[batch, first_row + r, first_head + h], code, dst_bits[at], dst[at], head_dim
-            )
+            # Rows of head_dim are contiguous (spec.py checks it).
+            row = contiguous_row(src[batch, first_row + r, first_head + h])
+            widen_row(row, code, dst_bits[at], head_dim)
             if multiplier != 1.0:
                 for d in range(head_dim):
                     dst[at, d] *= multiplier

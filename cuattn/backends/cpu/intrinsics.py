@@ -9,14 +9,27 @@ The first two exist so that the loops of the softmax vectorize:
 - ``float_from_bits``: the float32 whose bits are an integer's low 32, for building 2**n in
   the exponent field within the loop that uses it (numba reinterprets whole arrays only).
 
+``bits_of_float`` is the inverse of ``float_from_bits``. ``float_from_half_bits`` widens a
+float16, given as its bits, in one instruction where the CPU has one (x86's F16C, every
+AArch64): ``HALF_CONVERSION_INSTRUCTION`` says whether this one does. Elsewhere LLVM would
+emit a call to a runtime routine that numba does not link, so bits.py widens by integer
+operations there.
+
+``contiguous_row`` retypes a row whose elements are adjacent as a C-contiguous array: numba
+types the kernels' inputs with any layout (their strides are the caller's), and a loop over a
+row of any layout loads its elements one at a time, where over a contiguous one it loads
+vectors.
+
 ``float32_pointer`` makes an address a typed pointer, for ``numba.carray`` to view as an
 array the memory that the kernels hold as an address (blas.py).
 """
 
 from __future__ import annotations
 
+import llvmlite.binding
 from llvmlite import ir
 from numba import types
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 
 _FLOAT = ir.FloatType()
@@ -24,6 +37,10 @@ _FLOAT = ir.FloatType()
 # The fast-math flags the CPU kernels compile with: those that let reductions vectorize while
 # -inf and NaN keep their meaning (no "ninf" or "nnan").
 FAST_MATH = {"contract", "arcp", "nsz", "reassoc"}
+
+HALF_CONVERSION_INSTRUCTION = llvmlite.binding.get_process_triple().startswith(
+    ("aarch64", "arm64")
+) or bool(llvmlite.binding.get_host_cpu_features().get("f16c"))
 
 
 @intrinsic
@@ -54,6 +71,48 @@ def float_from_bits(typingctx, bits):
         return builder.bitcast(value, _FLOAT)
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def bits_of_float(typingctx, value):
+    """The bit pattern of the float32 ``value``, as a uint32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def float_from_half_bits(typingctx, bits):
+    """The float32 equal to the float16 whose bit pattern is the low 16 bits of ``bits``
+    (NaN stays NaN, quieted). Only where HALF_CONVERSION_INSTRUCTION."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (value,) = args
+        if value.type.width != 16:
+            value = builder.trunc(value, ir.IntType(16))
+        return builder.fpext(builder.bitcast(value, ir.HalfType()), _FLOAT)
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def contiguous_row(typingctx, row):
+    """``row``, a 1-D array of any layout whose stride the caller knows to be one element,
+    typed C-contiguous (the same array: only the type changes)."""
+    if not isinstance(row, types.Array) or row.ndim != 1:
+        return None
+    contiguous = row.copy(layout="C")
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, contiguous, args[0])
+
+    return contiguous(row), codegen
 
 
 @intrinsic

@@ -23,10 +23,10 @@ _blas = None
 
 # The tallest query tile, in rows (bench/NOTES.md, "The CPU backend").
 MAX_TILE_ROWS = 512
-# Sequences of at most this many query rows take decode.py's kernel, not flash.py's: it is
-# 1.2-2.7x faster up to 8 rows, about even from 16 to 24, slower from 32 (bench/NOTES.md,
+# Sequences of at most this many query rows take decode.py's kernel, not flash.py's: it was
+# 1.2-3.7x as fast up to 24 rows, 1.07-1.24x at 32, even or slower from 48 (bench/NOTES.md,
 # "CPU decoding").
-DECODE_QUERY_ROWS = 16
+DECODE_QUERY_ROWS = 32
 # decode.py's K and V tiles of all KV heads together stay within this (half a 1 MiB L2).
 DECODE_TILE_BYTES = 512 * 1024
 

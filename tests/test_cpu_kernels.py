@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -19,6 +25,8 @@ from cuattn.backends.cpu.exp2 import exp2_in_place
 from cuattn.backends.cpu.intrinsics import FAST_MATH, HALF_CONVERSION_INSTRUCTION
 
 from .helpers import BFLOAT16 as BF16_DTYPE
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @numba.njit
@@ -63,6 +71,43 @@ def test_both_ways_of_widening_float16_are_exact(way):
     nan = np.isnan(expected)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])
+
+
+# float16 attention on the CPU backend against the oracle, in a process of its own.
+_FLOAT16_CALL = textwrap.dedent("""
+    import numpy as np
+    import cuattn
+    from cuattn.backends.cpu.intrinsics import HALF_CONVERSION_INSTRUCTION
+    from tests.helpers import assert_close, qkv
+    from tests.oracle import attention_oracle
+
+    print("instruction" if HALF_CONVERSION_INSTRUCTION else "integers")
+    q, k, v = qkv(np.random.default_rng(), 2, 1, 50, 4, 2, 64, np.float16)
+    out = cuattn.attention(q, k, v, backend="cpu")
+    assert_close(out, attention_oracle(q, k, v)[0], np.float16)
+""")
+
+
+def test_kernels_compile_for_a_cpu_without_float16_conversions(tmp_path):
+    """numba compiles for the CPU it is told to (NUMBA_CPU_NAME=generic: no F16C, for caches
+    that move between machines), not always for the host: had the kernels taken the float16
+    instruction there, LLVM would call a routine numba does not link, and abort."""
+    environment = dict(
+        os.environ,
+        NUMBA_CPU_NAME="generic",
+        NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+        CUATTN_CACHE_DIR=str(tmp_path / "cuattn"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _FLOAT16_CALL],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=environment,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["integers"]
 
 
 @pytest.mark.parametrize(

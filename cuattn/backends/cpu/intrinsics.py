@@ -11,9 +11,9 @@ The first two exist so that the loops of the softmax vectorize:
 
 ``bits_of_float`` is the inverse of ``float_from_bits``. ``float_from_half_bits`` widens a
 float16, given as its bits, in one instruction where the CPU has one (x86's F16C, every
-AArch64): ``HALF_CONVERSION_INSTRUCTION`` says whether this one does. Elsewhere LLVM would
-emit a call to a runtime routine that numba does not link, so bits.py widens by integer
-operations there.
+AArch64): ``HALF_CONVERSION_INSTRUCTION`` says whether the CPU numba compiles for has it
+(the host, unless numba is told otherwise). Elsewhere LLVM would emit a call to a runtime
+routine that numba does not link, so bits.py widens by integer operations there.
 
 ``contiguous_row`` retypes a row whose elements are adjacent as a C-contiguous array: numba
 types the kernels' inputs with any layout (their strides are the caller's), and a loop over a
@@ -27,6 +27,7 @@ array the memory that the kernels hold as an address (blas.py).
 from __future__ import annotations
 
 import llvmlite.binding
+import numba
 from llvmlite import ir
 from numba import types
 from numba.core.imputils import impl_ret_borrowed
@@ -38,9 +39,20 @@ _FLOAT = ir.FloatType()
 # -inf and NaN keep their meaning (no "ninf" or "nnan").
 FAST_MATH = {"contract", "arcp", "nsz", "reassoc"}
 
-HALF_CONVERSION_INSTRUCTION = llvmlite.binding.get_process_triple().startswith(
-    ("aarch64", "arm64")
-) or bool(llvmlite.binding.get_host_cpu_features().get("f16c"))
+
+def _compiles_for_half_conversion() -> bool:
+    """Whether the CPU numba compiles for has a float16 conversion instruction: the features
+    numba targets, which are NUMBA_CPU_FEATURES when set (none under NUMBA_CPU_NAME=generic,
+    for caches shared between machines), else the host's."""
+    if llvmlite.binding.get_process_triple().startswith(("aarch64", "arm64")):
+        return True  # in the base architecture
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = llvmlite.binding.get_host_cpu_features().flatten()
+    return "+f16c" in features.split(",")
+
+
+HALF_CONVERSION_INSTRUCTION = _compiles_for_half_conversion()
 
 
 @intrinsic
@@ -89,7 +101,7 @@ def bits_of_float(typingctx, value):
 def float_from_half_bits(typingctx, bits):
     """The float32 equal to the float16 whose bit pattern is the low 16 bits of ``bits``
     (NaN stays NaN, quieted). Only where HALF_CONVERSION_INSTRUCTION."""
-    if not isinstance(bits, types.Integer):
+    if not isinstance(bits, types.Integer) or bits.bitwidth < 16:
         return None
 
     def codegen(context, builder, signature, args):

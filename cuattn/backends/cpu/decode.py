@@ -267,25 +267,27 @@ def _decode_forward(
             seq = work // parts
             part = work - seq * parts
             if whole:
-                _attend_part(
-                    q,
-                    k,
-                    v,
-                    seqs[seq],
-                    0,
-                    1,
-                    code,
-                    scale,
-                    softcap,
-                    window_left,
-                    window_right,
-                    sink_tokens,
-                    block_k,
-                    scratch,
-                    acc,
-                    row_max,
-                    row_sum,
-                )
+                state = (acc, row_max, row_sum)
+            else:
+                state = (part_acc[seq, part], part_max[seq, part], part_sum[seq, part])
+            _attend_part(
+                q,
+                k,
+                v,
+                seqs[seq],
+                part,
+                parts,
+                code,
+                scale,
+                softcap,
+                window_left,
+                window_right,
+                sink_tokens,
+                block_k,
+                scratch,
+                *state,
+            )
+            if whole:
                 group_rows = seqs[seq, SEQ_Q_LEN] * group
                 for kv_head in range(kv_heads):
                     first_row = kv_head * group_rows
@@ -303,26 +305,6 @@ def _decode_forward(
                         row_sum[first_row:],
                         row_out,
                     )
-            else:
-                _attend_part(
-                    q,
-                    k,
-                    v,
-                    seqs[seq],
-                    part,
-                    parts,
-                    code,
-                    scale,
-                    softcap,
-                    window_left,
-                    window_right,
-                    sink_tokens,
-                    block_k,
-                    scratch,
-                    part_acc[seq, part],
-                    part_max[seq, part],
-                    part_sum[seq, part],
-                )
     if whole:
         return
     # Merged and written by (sequence, KV head): the rows of one group of query heads.

@@ -116,7 +116,7 @@ def attention(
         >>> out.shape
         (1, 6, 2, 64)
     """
-    call = interop.import_arrays({"q": q, "k": k, "v": v, "sinks": sinks})
+    call = interop.import_arrays({"q": q, "k": k, "v": v, "sinks": sinks}, optional=("sinks",))
     options = MaskOptions(causal, window, scale, softcap, sink_tokens, return_lse)
     spec = attention_spec(call.raw, options)
     raw = call.raw
@@ -173,7 +173,8 @@ def attention_varlen(
             "cu_seqlens_q": cu_seqlens_q,
             "cu_seqlens_k": cu_seqlens_k,
             "sinks": sinks,
-        }
+        },
+        optional=("sinks",),
     )
     cu_q = interop.host_copy(call, "cu_seqlens_q")
     cu_k = interop.host_copy(call, "cu_seqlens_k")
@@ -253,6 +254,7 @@ def attention_with_kvcache(
             "cache_seqlens": None if host_lengths else cache_seqlens,
             "sinks": sinks,
         },
+        optional=("k_new", "v_new", "cache_seqlens", "sinks"),
         writable=writable,
     )
     raw = call.raw
@@ -264,15 +266,7 @@ def attention_with_kvcache(
                 "cache_seqlens: a CUDA graph would replay the lengths it was captured with; "
                 "pass them as a device array, with check_lengths=False",
             )
-        if cache_seqlens is None or isinstance(cache_seqlens, (int, np.integer)):
-            fill = capacity if cache_seqlens is None else int(cache_seqlens)
-            seqlens = np.full(batch, fill, np.int32)
-        elif isinstance(cache_seqlens, np.ndarray):
-            # Its dtype is checked with the rest; a strided view is made whole, as the kernels
-            # read length b at element b.
-            seqlens = np.ascontiguousarray(cache_seqlens)
-        else:
-            seqlens = np.asarray(cache_seqlens, np.int32)
+        seqlens = _host_cache_seqlens(cache_seqlens, batch, capacity)
         raw["cache_seqlens"] = from_numpy(seqlens)
     elif check_lengths or raw["cache_seqlens"].device.kind == "cpu":  # the latter costs no wait
         _refuse_under_capture(
@@ -320,6 +314,27 @@ def attention_with_kvcache(
 def _refuse_under_capture(call: interop.CallArrays, message: str) -> None:
     if interop.capturing(call):
         raise ValueError(message)
+
+
+def _host_cache_seqlens(cache_seqlens, batch: int, capacity: int) -> np.ndarray:
+    """cache_seqlens given on the host (None for full caches, one int for all, a list or a
+    NumPy array) as the int32 (batch,) array the backends read."""
+    if cache_seqlens is None:
+        return np.full(batch, capacity, np.int32)
+    if isinstance(cache_seqlens, np.ndarray) and cache_seqlens.ndim:
+        # Its dtype is checked with the rest; a strided view is made whole, as the kernels
+        # read length b at element b.
+        return np.ascontiguousarray(cache_seqlens)
+    values = np.asarray(cache_seqlens)
+    if values.dtype.kind not in "iu":  # not bool, float or object: no silent rounding
+        raise TypeError(
+            f"cache_seqlens: expected integer lengths, got {values.dtype} ({cache_seqlens!r:.80})"
+        )
+    if values.size and int(values.max()) > np.iinfo(np.int32).max:
+        raise ValueError(f"cache_seqlens: lengths must fit in int32, got {int(values.max())}")
+    if values.ndim == 0:
+        return np.full(batch, values, np.int32)
+    return values.astype(np.int32)
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b, *, backend: str = "auto"):

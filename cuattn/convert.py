@@ -8,6 +8,8 @@ h // (num_heads / num_kv_heads), as everywhere in cuattn.
 
 from __future__ import annotations
 
+from .spec import _check_int
+
 
 def mha_to_gqa(weight, num_heads: int, num_kv_heads: int, *, head_dim: int | None = None):
     """Mean-pool the heads of a K or V projection into ``num_kv_heads`` groups.
@@ -30,10 +32,21 @@ def mha_to_gqa(weight, num_heads: int, num_kv_heads: int, *, head_dim: int | Non
         >>> mha_to_gqa(k_proj, num_heads=32, num_kv_heads=8).shape
         (1024, 4096)
     """
-    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+    num_heads = _check_int("num_heads", num_heads, 1)
+    num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
+    if num_heads % num_kv_heads:
         raise ValueError(f"num_kv_heads: must divide num_heads={num_heads}, got {num_kv_heads}")
-    rows = weight.shape[0]
-    head_dim = rows // num_heads if head_dim is None else head_dim
+    shape = tuple(getattr(weight, "shape", ()))
+    if not shape:
+        raise TypeError(
+            "weight: expected a weight or bias array (NumPy, CuPy, PyTorch or JAX), got "
+            f"{type(weight).__name__}" + (" of 0 dimensions" if hasattr(weight, "shape") else "")
+        )
+    rows = shape[0]
+    if head_dim is None:
+        head_dim = rows // num_heads
+    else:
+        head_dim = _check_int("head_dim", head_dim, 1)
     if head_dim * num_heads != rows:
         raise ValueError(
             f"weight: dimension 0 must be num_heads * head_dim = {num_heads} * {head_dim}, "

@@ -117,12 +117,21 @@ class CallArrays:
     template: object = None
 
 
-def import_arrays(arrays: dict[str, object], *, writable: tuple[str, ...] = ()) -> CallArrays:
-    """Import named arrays (None entries are skipped); all must share framework and device.
+def import_arrays(
+    arrays: dict[str, object],
+    *,
+    optional: tuple[str, ...] = (),
+    writable: tuple[str, ...] = (),
+) -> CallArrays:
+    """Import named arrays; all must share framework and device.
 
-    ``writable`` names the arrays the call writes in place (a KV cache): they must be
+    ``optional`` names the arrays that may be None (then skipped); any other None is an
+    error. ``writable`` names the arrays the call writes in place (a KV cache): they must be
     mutable memory.
     """
+    for name, array in arrays.items():
+        if array is None and name not in optional:
+            raise TypeError(f"{name}: expected an array, got None")
     present = {name: a for name, a in arrays.items() if a is not None}
     first_name, first = next(iter(present.items()))
     framework = _framework_of(first_name, first)
@@ -166,11 +175,19 @@ def _device_of(name: str, array) -> Device:
         return device_of(array)
     except TypeError as error:
         raise TypeError(f"{name}: {error}") from error
+    except AttributeError as error:  # e.g. a JAX tracer, under jax.jit
+        raise TypeError(
+            f"{name}: a {type(array).__name__} is not an array in memory ({error}); "
+            "pass concrete arrays (under jax.jit, arrays are tracers)"
+        ) from error
 
 
 def _import(name: str, array, framework: str, stream: int | None) -> RawArray:
     if framework == "numpy":
-        return from_numpy(array)
+        try:
+            return from_numpy(array)
+        except ValueError as error:  # e.g. a field of a structured array
+            raise ValueError(f"{name}: {error}") from error
     if framework == "torch":
         if array.is_neg():
             # PyTorch's DLPack export hands over the memory without the negation (2.13).
@@ -180,8 +197,8 @@ def _import(name: str, array, framework: str, stream: int | None) -> RawArray:
             )
     try:
         return import_array(array, stream=stream)
-    except (BufferError, RuntimeError) as error:
-        # e.g. PyTorch refuses to export a tensor that requires grad.
+    except (BufferError, RuntimeError, TypeError) as error:
+        # e.g. PyTorch refuses to export a tensor that requires grad; a complex dtype.
         raise TypeError(f"{name}: could not be read through DLPack: {error}") from error
 
 

@@ -23,6 +23,19 @@ from .dlpack import BFLOAT16
 from .spec import FLOAT_DTYPES, MaskOptions, _check_int, check_cache_step
 
 
+def _dtype_named(name: str, dtype) -> np.dtype:
+    """A NumPy dtype from a NumPy, PyTorch or JAX dtype, or its name."""
+    spelled = str(dtype).removeprefix("torch.")
+    if spelled == "bfloat16":
+        return BFLOAT16
+    for candidate in (dtype, spelled):
+        try:
+            return np.dtype(candidate)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}: must be float16, bfloat16 or float32, got {dtype!r}")
+
+
 class KVCache:
     """Keys and values of ``batch`` sequences, on the device and in the framework of ``like``.
 
@@ -85,7 +98,7 @@ class KVCache:
             )
         if dtype is None:
             dtype = template.raw["like"].dtype
-        dtype = BFLOAT16 if str(dtype) == "bfloat16" else np.dtype(dtype)
+        dtype = _dtype_named("dtype", dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: must be float16, bfloat16 or float32, got {dtype}")
         shape = (batch, capacity, num_heads_kv, head_dim)
@@ -104,8 +117,20 @@ class KVCache:
         """Forget the given sequences (all by default); their buffers are reused as they are."""
         if sequences is None:
             self.lengths[:] = 0
-        else:
-            self.lengths[np.asarray(sequences)] = 0
+            return
+        index = np.asarray(sequences)
+        if index.size == 0:
+            return
+        if index.dtype.kind not in "iub":
+            raise TypeError(
+                f"sequences: expected sequence indices or a bool mask, got {index.dtype} values"
+            )
+        try:
+            self.lengths[index] = 0
+        except IndexError as error:
+            raise ValueError(
+                f"sequences: {error} (the cache holds {len(self.lengths)} sequences)"
+            ) from None
 
     def attend(
         self,
@@ -126,6 +151,9 @@ class KVCache:
         num_heads_kv, head_dim), with seqlen_q <= seqlen_new + tokens already cached, and in
         rolling mode seqlen_q <= seqlen_new (the queries are the last new tokens).
         """
+        for name, array in (("k_new", k_new), ("v_new", v_new)):
+            if array is None:
+                raise TypeError(f"{name}: expected this step's array, got None")
         options = dict(
             scale=scale, softcap=softcap, sinks=sinks, return_lse=return_lse, backend=backend
         )
@@ -166,7 +194,8 @@ class KVCache:
                 "k_new": k_new,
                 "v_new": v_new,
                 "sinks": options["sinks"],
-            }
+            },
+            optional=("sinks",),
         )
         mask = MaskOptions(
             True,

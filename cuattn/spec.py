@@ -154,6 +154,26 @@ def _check_int(name: str, value, minimum: int) -> int:
 _MAX_REACH = 2**40  # tokens: more than any sequence in memory holds
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _check_float32_range(scale: float, softcap: float) -> None:
+    """The kernels take scale and softcap in float32, log2(e) folded in, and with softcap
+    scale / softcap: a finite float64 past float32's range would make every score inf or NaN."""
+    limit = _FLOAT32_MAX / _LOG2E
+    if abs(scale) > limit:
+        raise ValueError(f"scale: must be within +-{limit:.4g} (float32, in base 2), got {scale!r}")
+    if softcap > limit:
+        raise ValueError(
+            f"softcap: must be at most {limit:.4g} (float32, in base 2), got {softcap!r}"
+        )
+    if softcap > 0 and abs(scale) / softcap > _FLOAT32_MAX:
+        raise ValueError(
+            f"softcap: scale / softcap must be within float32's range, got {scale!r} / {softcap!r}"
+        )
+
+
 def _resolve_options(
     options: MaskOptions, head_dim: int, num_heads_q: int, sinks: RawArray | None
 ) -> dict:
@@ -180,6 +200,7 @@ def _resolve_options(
         math.isfinite(softcap) and softcap >= 0
     ):
         raise ValueError(f"softcap: expected a finite float >= 0 (0 disables it), got {softcap!r}")
+    _check_float32_range(float(scale), float(softcap))
     sink_tokens = min(_check_int("sink_tokens", options.sink_tokens, 0), _MAX_REACH)
     if sinks is not None:
         if sinks.shape != (num_heads_q,):
@@ -382,7 +403,8 @@ def kvcache_spec(
     if cache_seqlens is not None and batch:
         if cache_seqlens.min() < 0:
             raise ValueError(f"cache_seqlens: lengths must be >= 0, got {int(cache_seqlens.min())}")
-        if cache_seqlens.max() + new_len > capacity:
+        # In Python integers: int32 lengths near 2**31 would wrap past the check.
+        if int(cache_seqlens.max()) + new_len > capacity:
             worst = int(np.argmax(cache_seqlens))
             raise ValueError(
                 f"cache_seqlens: sequence {worst} holds {int(cache_seqlens[worst])} tokens and "

@@ -43,3 +43,15 @@ def test_torch_weights_stay_torch(rng):
 def test_bad_group_count_is_named():
     with pytest.raises(ValueError, match="num_kv_heads: must divide num_heads=8, got 3"):
         mha_to_gqa(np.zeros((32, 4)), 8, 3)
+
+
+def test_bad_arguments_are_named():
+    weight = np.zeros((32, 4))
+    with pytest.raises(TypeError, match="num_heads: expected an int, got float"):
+        mha_to_gqa(weight, 8.0, 2)
+    with pytest.raises(TypeError, match="weight: expected a weight or bias array .* got list"):
+        mha_to_gqa(weight.tolist(), 8, 2)
+    with pytest.raises(TypeError, match="weight: .* got float64 of 0 dimensions"):
+        mha_to_gqa(np.float64(1.0), 8, 2)
+    with pytest.raises(ValueError, match="head_dim: must be >= 1, got 0"):
+        mha_to_gqa(weight, 8, 2, head_dim=0)

@@ -126,6 +126,14 @@ def test_attention_refuses_bad_arrays(arrays, change, error, pattern):
         (dict(causal=1), TypeError, r"causal: expected a bool, got int"),
         (dict(scale=float("nan")), ValueError, r"scale: expected a finite float, got nan"),
         (dict(softcap=-1.0), ValueError, r"softcap: expected a finite float >= 0"),
+        # Finite in float64, past float32's range where the kernels take them.
+        (dict(scale=1e39), ValueError, r"scale: must be within \+-2.359e\+38 .* got 1e\+39"),
+        (dict(softcap=1e39), ValueError, r"softcap: must be at most 2.359e\+38 .* got 1e\+39"),
+        (
+            dict(scale=1.0, softcap=1e-39),
+            ValueError,
+            r"softcap: scale / softcap must be within float32's range",
+        ),
         (dict(sink_tokens=-1), ValueError, r"sink_tokens: must be >= 0, got -1"),
         (
             dict(sinks=np.zeros(3, np.float32)),
@@ -156,6 +164,9 @@ def test_attention_refuses_bad_arrays(arrays, change, error, pattern):
         "causal-bool",
         "scale",
         "softcap",
+        "scale-float32",
+        "softcap-float32",
+        "scale-over-softcap-float32",
         "sink-tokens",
         "sinks-shape",
         "sinks-dtype",
@@ -170,6 +181,51 @@ def test_attention_refuses_bad_options(arrays, options, error, pattern):
 def test_not_an_array_is_named(arrays):
     q, k, v = arrays
     _raises(TypeError, r"k: expected an array .* got list", cuattn.attention, q, k.tolist(), v)
+
+
+@pytest.mark.parametrize("missing", ["q", "k", "v"])
+def test_a_missing_array_is_named(arrays, missing):
+    given = dict(zip("qkv", arrays, strict=True), **{missing: None})
+    _raises(TypeError, rf"{missing}: expected an array, got None", cuattn.attention, **given)
+
+
+def test_merge_names_a_missing_array(rng):
+    out = random_array(rng, (1, 3, 2, 8), np.float32)
+    lse = random_array(rng, (1, 2, 3), np.float32)
+    _raises(
+        TypeError,
+        r"lse_a: expected an array, got None",
+        cuattn.merge_attention_states,
+        out,
+        None,
+        out,
+        lse,
+    )
+
+
+def test_an_unsupported_framework_dtype_is_named(arrays):
+    torch = pytest.importorskip("torch")
+    q, k, v = arrays
+    complex_k = torch.from_numpy(k).to(torch.complex64)
+    _raises(
+        TypeError,
+        r"k: could not be read through DLPack: unsupported DLPack dtype",
+        cuattn.attention,
+        torch.from_numpy(q),
+        complex_k,
+        torch.from_numpy(v),
+    )
+
+
+def test_a_jax_tracer_is_named(arrays):
+    jax = pytest.importorskip("jax")
+    q, k, v = (jax.numpy.asarray(a) for a in arrays)
+    _raises(
+        TypeError,
+        r"q: a \w+Tracer is not an array in memory .*under jax.jit, arrays are tracers",
+        jax.jit(lambda q: cuattn.attention(q, k, v)),
+        q,
+    )
 
 
 def test_mixed_frameworks_are_refused(arrays):
@@ -330,8 +386,31 @@ def test_kvcache_refuses_new_tokens_of_another_shape(cache):
         (np.array([1, -2], np.int32), ValueError, r"cache_seqlens: lengths must be >= 0, got -2"),
         (np.array([1, 2, 3], np.int32), ValueError, r"cache_seqlens: expected shape \(2,\)"),
         (np.array([1, 2], np.int64), TypeError, r"cache_seqlens: dtype must be int32, got int64"),
+        # 2**31 - 1 + 1 new token wrapped to a negative int32 and passed the check; the
+        # append then wrote nothing and the attention read past the cache (a segfault).
+        (
+            np.array([1, 2**31 - 1], np.int32),
+            ValueError,
+            r"cache_seqlens: sequence 1 holds 2147483647 tokens and 1 new ones would pass",
+        ),
+        ([1, 2**31 - 1], ValueError, r"cache_seqlens: sequence 1 holds 2147483647 tokens"),
+        (2**31 - 1, ValueError, r"cache_seqlens: sequence 0 holds 2147483647 tokens"),
+        ([1, 2**32 + 1], ValueError, r"cache_seqlens: lengths must fit in int32, got 4294967297"),
+        ([1.7, 2], TypeError, r"cache_seqlens: expected integer lengths, got float64"),
+        (True, TypeError, r"cache_seqlens: expected integer lengths, got bool"),
     ],
-    ids=["overflow", "negative", "shape", "dtype"],
+    ids=[
+        "overflow",
+        "negative",
+        "shape",
+        "dtype",
+        "int32-wrap",
+        "int32-wrap-list",
+        "int32-wrap-int",
+        "past-int32-list",
+        "float-list",
+        "bool",
+    ],
 )
 def test_kvcache_refuses_bad_lengths_and_writes_nothing(cache, lengths, error, pattern):
     q, k_cache, v_cache, k_new = cache

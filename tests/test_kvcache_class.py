@@ -149,6 +149,34 @@ def test_bad_arguments_are_named():
         cuattn.KVCache(1, 2, 32, capacity=8, dtype="float64")
 
 
+def test_dtypes_of_every_framework_are_taken():
+    torch = pytest.importorskip("torch")
+    for dtype, expected in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+        assert cuattn.KVCache(1, 2, 32, capacity=8, dtype=dtype).k.dtype.name == expected
+    with pytest.raises(TypeError, match="dtype: must be float16, bfloat16 or float32, got int8"):
+        cuattn.KVCache(1, 2, 32, capacity=8, dtype=torch.int8)
+    with pytest.raises(TypeError, match="dtype: must be float16, bfloat16 or float32, got 'x'"):
+        cuattn.KVCache(1, 2, 32, capacity=8, dtype="x")
+
+
+def test_reset_takes_indices_masks_and_nothing(rng):
+    cache = cuattn.KVCache(3, 1, 8, capacity=4, dtype="float32")
+    step = random_array(rng, (3, 1, 1, 8), np.float32)
+    cache.attend(step, step, step)
+    cache.reset([])
+    np.testing.assert_array_equal(cache.lengths, [1, 1, 1])
+    cache.reset(np.array([True, False, False]))
+    cache.reset([2])
+    np.testing.assert_array_equal(cache.lengths, [0, 1, 0])
+    with pytest.raises(ValueError, match="sequences: index 3 is out of bounds .* holds 3"):
+        cache.reset([3])
+    with pytest.raises(TypeError, match="sequences: expected sequence indices or a bool mask"):
+        cache.reset([0.5])
+    with pytest.raises(TypeError, match="v_new: expected this step's array, got None"):
+        cache.attend(step, step, None)
+    np.testing.assert_array_equal(cache.lengths, [0, 1, 0])
+
+
 def test_a_bad_rolling_step_is_refused_before_any_write(rng):
     cache = cuattn.KVCache(2, HEADS_KV, DIM, dtype="float32", window=8, sink_tokens=2)
     cache.attend(*_steps(rng, 5))

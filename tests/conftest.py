@@ -17,6 +17,16 @@ def poison_results(monkeypatch):
     monkeypatch.setattr(cuattn.interop, "POISON_RESULTS", True)
 
 
+@pytest.fixture(autouse=True)
+def cpu_calls_use_every_thread(monkeypatch):
+    """The CPU backend runs small calls on one thread (SERIAL_MULTIPLY_ADDS); the tests'
+    calls are small, and would then never run the kernels' threads side by side. Tests of
+    that choice set the threshold back themselves."""
+    from cuattn.backends import cpu
+
+    monkeypatch.setattr(cpu, "SERIAL_MULTIPLY_ADDS", 0)
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A generator seeded by the test's id: fresh data for each check, reproducible runs."""

@@ -3,6 +3,7 @@ CUDA kernels are tested against."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numba
@@ -17,9 +18,7 @@ from ...spec import AttentionSpec, Sequences
 from .. import host
 from .bits import dtype_code, word_dtype
 from .decode import decode_forward
-from .flash import SEQ_K_LEN, attention_forward
-
-_blas = None
+from .flash import SEQ_K_LEN, SEQ_Q_LEN, attention_forward
 
 # The tallest query tile, in rows (bench/NOTES.md, "The CPU backend").
 MAX_TILE_ROWS = 512
@@ -31,13 +30,56 @@ DECODE_QUERY_ROWS = 32
 DECODE_TILE_BYTES = 512 * 1024
 
 
-def _single_threaded_blas():
-    # Each numba thread calls BLAS on tiles; a multi-threaded BLAS under them would
-    # oversubscribe the cores (measured: 2x slower at 4096 tokens on 2 cores).
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
+# A call of fewer multiply-adds than this (in Q K^T, whatever the mask) runs on the calling
+# thread alone. On an idle machine one thread is as fast as all of them there (0.99x at 2**15,
+# two threads 1.22x faster at 2**17); while another process keeps a core busy, a parallel
+# region waits until each of its threads is scheduled, and a 16-key decoding call averaged
+# 345-431 us instead of 91-100 (bench/NOTES.md, "The CPU backend", item 5).
+SERIAL_MULTIPLY_ADDS = 1 << 16
+
+
+def kernel_threads(spec: AttentionSpec, table: np.ndarray) -> int:
+    """The numba threads a call runs on: all of them, or one for a call too small to share."""
+    multiply_adds = int(table[:, SEQ_Q_LEN] @ table[:, SEQ_K_LEN]) * spec.num_heads_q
+    if multiply_adds * spec.head_dim < SERIAL_MULTIPLY_ADDS:
+        return 1
+    return numba.get_num_threads()
+
+
+@functools.cache
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the loaded BLAS libraries, found once."""
+    return ThreadpoolController().select(user_api="blas").lib_controllers
+
+
+class _KernelThreads:
+    """Runs a kernel on ``lanes`` numba threads with every BLAS library at one thread, then
+    puts back the caller's counts.
+
+    Each numba thread calls BLAS on tiles; a multi-threaded BLAS under them would
+    oversubscribe the cores (measured: 2x slower at 4096 tokens on 2 cores). threadpoolctl's
+    own ``limit()`` surveys every loaded library on each call; here a call only reads and
+    sets the counts of the libraries found at the first, 8-10 us less per call, a tenth of a
+    small decoding call (item 5 again).
+    """
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+
+    def __enter__(self):
+        self._numba_threads = numba.get_num_threads()
+        numba.set_num_threads(self.lanes)
+        self._blas_threads = [
+            (library, count) for library in _blas_libraries() if (count := library.num_threads) != 1
+        ]
+        for library, _ in self._blas_threads:
+            library.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc_info):
+        for library, count in self._blas_threads:
+            library.set_num_threads(count)
+        numba.set_num_threads(self._numba_threads)
 
 
 def tile_sizes(
@@ -137,7 +179,7 @@ class CpuBackend:
         All arrays are 4-D (batch, seqlen, heads, head_dim); ``lse`` is (batch, heads, seqlen).
         """
         table = sequences.table
-        threads = numba.get_num_threads()
+        threads = kernel_threads(spec, table)
         lse_array = (
             lse.numpy()
             if lse is not None
@@ -154,7 +196,7 @@ class CpuBackend:
         )
         tile_offsets = np.concatenate(([0], np.cumsum(tiles))).astype(np.int64)
         words = word_dtype(spec.dtype)
-        with _single_threaded_blas():
+        with _KernelThreads(threads):
             attention_forward(words)(
                 _words(q),
                 _words(k),
@@ -193,7 +235,7 @@ class CpuBackend:
         part_max = np.empty((stored, parts, rows), np.float32)
         part_sum = np.empty((stored, parts, rows), np.float32)
         words = word_dtype(spec.dtype)
-        with _single_threaded_blas():
+        with _KernelThreads(threads):
             decode_forward(words)(
                 _words(q),
                 _words(k),

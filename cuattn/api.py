@@ -326,10 +326,15 @@ def _host_cache_seqlens(cache_seqlens, batch: int, capacity: int) -> np.ndarray:
         # read length b at element b.
         return np.ascontiguousarray(cache_seqlens)
     values = np.asarray(cache_seqlens)
+    if values.size == 0:  # [] is float64 to NumPy; its shape is checked with the rest
+        values = values.astype(np.int32)
     if values.dtype.kind not in "iu":  # not bool, float or object: no silent rounding
         raise TypeError(
             f"cache_seqlens: expected integer lengths, got {values.dtype} ({cache_seqlens!r:.80})"
         )
+    # Checked before the cast, which would wrap them into lengths that look valid.
+    if values.size and int(values.min()) < 0:
+        raise ValueError(f"cache_seqlens: lengths must be >= 0, got {int(values.min())}")
     if values.size and int(values.max()) > np.iinfo(np.int32).max:
         raise ValueError(f"cache_seqlens: lengths must fit in int32, got {int(values.max())}")
     if values.ndim == 0:

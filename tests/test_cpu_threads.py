@@ -13,12 +13,15 @@ from threadpoolctl import ThreadpoolController
 import cuattn
 from cuattn.backends import cpu as cpu_backend
 
-from .helpers import qkv
+from .helpers import assert_close, qkv
+from .oracle import attention_oracle
 
 # (kernel factory patched in cpu_backend, query rows): decode.py serves short queries,
 # flash.py the rest.
 KERNELS = [("decode_forward", 1), ("attention_forward", cpu_backend.DECODE_QUERY_ROWS + 1)]
 KEYS, HEADS, HEAD_DIM = 40, 2, 16
+# The threshold as shipped (tests/conftest.py sets it to 0 while each test runs).
+SHIPPED_SERIAL_MULTIPLY_ADDS = cpu_backend.SERIAL_MULTIPLY_ADDS
 
 
 def _blas_threads() -> list[int]:
@@ -78,3 +81,35 @@ def test_kernels_run_on_the_threads_their_size_asks_and_the_caller_keeps_its_own
     assert kernel_numba_threads == (1 if serial else numba_threads)
     assert kernel_blas_threads == [1] * len(blas_threads)
     assert (numba.get_num_threads(), _blas_threads()) == (numba_threads, blas_threads)
+
+
+def test_a_caller_that_limits_numba_threads_is_obeyed(rng, monkeypatch, caller_threads):
+    seen = []
+    monkeypatch.setattr(cpu_backend, "decode_forward", _spy(seen, False))
+    q, k, v = qkv(rng, 1, 1, KEYS, HEADS, 1, HEAD_DIM, np.float32)
+    numba.set_num_threads(1)
+    try:
+        cuattn.attention(q, k, v, backend="cpu")
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(caller_threads[0])
+    assert seen[0][0] == 1
+
+
+# (batch, query rows, keys, query heads, KV heads, head dim): decode.py and flash.py, GQA.
+SMALL_CALLS = [(2, 1, 37, 4, 2, 16), (1, 3, 20, 6, 1, 32), (1, 33, 33, 2, 2, 8)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", SMALL_CALLS, ids=lambda shape: "x".join(map(str, shape)))
+def test_small_calls_on_the_calling_thread_match_the_oracle(rng, monkeypatch, shape, dtype):
+    """The rest of the suite runs every call on all threads (tests/conftest.py); here the
+    shipped threshold puts these calls on one."""
+    monkeypatch.setattr(cpu_backend, "SERIAL_MULTIPLY_ADDS", SHIPPED_SERIAL_MULTIPLY_ADDS)
+    batch, rows, keys, heads_q, heads_kv, head_dim = shape
+    assert batch * rows * keys * heads_q * head_dim < SHIPPED_SERIAL_MULTIPLY_ADDS
+    q, k, v = qkv(rng, batch, rows, keys, heads_q, heads_kv, head_dim, dtype)
+    out, lse = cuattn.attention(q, k, v, causal=True, return_lse=True, backend="cpu")
+    expected_out, expected_lse = attention_oracle(q, k, v, causal=True)
+    assert_close(out, expected_out, dtype)
+    assert_close(lse, expected_lse, np.float32, what="lse")

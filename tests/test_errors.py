@@ -398,6 +398,9 @@ def test_kvcache_refuses_new_tokens_of_another_shape(cache):
         ([1, 2**32 + 1], ValueError, r"cache_seqlens: lengths must fit in int32, got 4294967297"),
         ([1.7, 2], TypeError, r"cache_seqlens: expected integer lengths, got float64"),
         (True, TypeError, r"cache_seqlens: expected integer lengths, got bool"),
+        # Below int32's range: the cast would wrap it to the valid length 3.
+        ([1, -(2**32) + 3], ValueError, r"cache_seqlens: lengths must be >= 0, got -4294967293"),
+        (-(2**32) + 3, ValueError, r"cache_seqlens: lengths must be >= 0, got -4294967293"),
     ],
     ids=[
         "overflow",
@@ -410,6 +413,8 @@ def test_kvcache_refuses_new_tokens_of_another_shape(cache):
         "past-int32-list",
         "float-list",
         "bool",
+        "below-int32-list",
+        "below-int32-int",
     ],
 )
 def test_kvcache_refuses_bad_lengths_and_writes_nothing(cache, lengths, error, pattern):
@@ -419,6 +424,14 @@ def test_kvcache_refuses_bad_lengths_and_writes_nothing(cache, lengths, error, p
         error, pattern, cuattn.attention_with_kvcache, q, k_cache, v_cache, k_new, k_new, lengths
     )
     np.testing.assert_array_equal(k_cache, before)
+
+
+@pytest.mark.parametrize("lengths", [[], (), np.zeros(0, np.int32)], ids=["list", "tuple", "array"])
+def test_kvcache_takes_no_lengths_for_no_sequences(rng, lengths):
+    q = random_array(rng, (0, 1, 4, 64), np.float32)
+    k_cache = random_array(rng, (0, 16, 2, 64), np.float32)
+    out = cuattn.attention_with_kvcache(q, k_cache, k_cache, cache_seqlens=lengths)
+    assert out.shape == (0, 1, 4, 64)
 
 
 def test_kvcache_refuses_lengths_with_gaps_from_a_framework(cache):

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dlpack import RawArray
-from .spec import AttentionSpec, Sequences
-
-LOG2E = 1.0 / math.log(2.0)
+from .spec import LOG2E, AttentionSpec, Sequences
 
 # Field order and C types of struct AttentionParams, in params.cuh's order.
 _POINTERS = (

@@ -155,13 +155,14 @@ _MAX_REACH = 2**40  # tokens: more than any sequence in memory holds
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_LOG2E = 1.0 / math.log(2.0)
+# Scores in base 2, as the kernels take them: scale and softcap are multiplied by this.
+LOG2E = 1.0 / math.log(2.0)
 
 
 def _check_float32_range(scale: float, softcap: float) -> None:
     """The kernels take scale and softcap in float32, log2(e) folded in, and with softcap
     scale / softcap: a finite float64 past float32's range would make every score inf or NaN."""
-    limit = _FLOAT32_MAX / _LOG2E
+    limit = _FLOAT32_MAX / LOG2E
     if abs(scale) > limit:
         raise ValueError(f"scale: must be within +-{limit:.4g} (float32, in base 2), got {scale!r}")
     if softcap > limit:
